@@ -1,0 +1,17 @@
+"""lowrank-kernels: fused GPU kernels for the spectral side of deep-learning training.
+
+Set TRITON_INTERPRET=1 before importing this package to run the Triton kernels on the CPU.
+"""
+from .backends import BackendUnavailableError, available_backends, resolve_backend
+from .ops.sgd_step import fused_sgd_step_
+from .optim.decay_sgd import DecaySGD
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DecaySGD",
+    "available_backends",
+    "fused_sgd_step_",
+    "resolve_backend",
+]

@@ -1,0 +1,1 @@
+"""Ops: one public function per op, with torch / triton / cuda implementations behind it."""

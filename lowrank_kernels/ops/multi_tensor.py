@@ -1,0 +1,79 @@
+"""Multi-tensor launch tables: how one kernel launch covers every tensor of a (device, dtype) group.
+
+A launch is described by two int64 tables on the tensors' device:
+
+* the *tensor table*, one row per tensor: the data pointers of the tensors the kernel touches
+  (e.g. param, grad, momentum buffer), the element count, and one per-tensor flag;
+* the *block table*, one row per program: (tensor row, first element of its chunk).
+
+Each program handles ``chunk`` consecutive elements of one tensor, so a launch has
+sum(ceil(numel / chunk)) programs whatever the number of tensors (PyTorch's
+``multi_tensor_apply`` and apex's FusedSGD use the same idea with a fixed-size argument struct;
+a table in device memory has no size limit).
+
+The block table depends only on the element counts, which do not change from step to step, so it
+is cached; the tensor table is rebuilt every step because gradients may be reallocated.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+_BLOCK_TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_BLOCK_TABLE_CACHE_SIZE = 64
+
+
+def is_flat(t: torch.Tensor) -> bool:
+    """True when the tensor's elements fill one gap-free span of memory starting at data_ptr()."""
+    if t.is_contiguous():
+        return True
+    # Non-overlapping and dense: sorted by stride, each dimension's stride is the product of the
+    # sizes of the dimensions inside it (channels_last, transposes, permutations).
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat_compatible(tensors: list[torch.Tensor]) -> bool:
+    """True when all tensors are flat and laid out alike, so element i of one matches element i
+    of the others when each is read as a flat array (contiguous, channels_last, transposed...)."""
+    first = tensors[0]
+    return all(is_flat(t) and t.stride() == first.stride() for t in tensors)
+
+
+def block_table(numels: list[int], chunk: int, device: torch.device) -> torch.Tensor:
+    """(n_programs, 2) int64: row i = (tensor index, start element) of program i."""
+    key = (tuple(numels), chunk, device)
+    table = _BLOCK_TABLE_CACHE.get(key)
+    if table is not None:
+        _BLOCK_TABLE_CACHE.move_to_end(key)
+        return table
+    counts = np.asarray(numels, dtype=np.int64)
+    chunks = (counts + chunk - 1) // chunk
+    tensor_index = np.repeat(np.arange(len(numels), dtype=np.int64), chunks)
+    first_chunk_of_tensor = np.repeat(np.cumsum(chunks) - chunks, chunks)
+    start = (np.arange(int(chunks.sum()), dtype=np.int64) - first_chunk_of_tensor) * chunk
+    host = torch.from_numpy(np.stack([tensor_index, start], axis=1).copy())
+    table = to_device(host, device)
+    _BLOCK_TABLE_CACHE[key] = table
+    if len(_BLOCK_TABLE_CACHE) > _BLOCK_TABLE_CACHE_SIZE:
+        _BLOCK_TABLE_CACHE.popitem(last=False)
+    return table
+
+
+def tensor_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """(n_tensors, n_columns) int64 table of pointers, counts and flags, on ``device``."""
+    return to_device(torch.tensor(rows, dtype=torch.int64), device)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # Pinned staging lets the copy run asynchronously; PyTorch's caching host allocator keeps
+        # the pinned block alive until the copy on the current stream has finished.
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

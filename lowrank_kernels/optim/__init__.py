@@ -1,0 +1,3 @@
+from .decay_sgd import DecaySGD
+
+__all__ = ["DecaySGD"]
