@@ -11,8 +11,10 @@ sum(ceil(numel / chunk)) programs whatever the number of tensors (PyTorch's
 ``multi_tensor_apply`` and apex's FusedSGD use the same idea with a fixed-size argument struct;
 a table in device memory has no size limit).
 
-The block table depends only on the element counts, which do not change from step to step, so it
-is cached; the tensor table is rebuilt every step because gradients may be reallocated.
+Both tables are cached on the device, keyed by their content: the block table depends only on the
+element counts, and the tensor table's pointers stay the same from step to step as long as the
+caching allocator hands the gradients back at the same addresses, so a steady-state step copies
+nothing from the host. A changed pointer simply makes a new table.
 """
 from __future__ import annotations
 
@@ -21,8 +23,29 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-_BLOCK_TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_BLOCK_TABLE_CACHE_SIZE = 64
+_TABLE_CACHE_SIZE = 64
+
+
+class _DeviceTableCache:
+    """Least-recently-used map from a table's content (a hashable key) to its device copy."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+    def get_or_make(self, key: tuple, make) -> torch.Tensor:
+        table = self.tables.get(key)
+        if table is not None:
+            self.tables.move_to_end(key)
+            return table
+        table = self.tables[key] = make()
+        if len(self.tables) > self.size:
+            self.tables.popitem(last=False)
+        return table
+
+
+_BLOCK_TABLES = _DeviceTableCache(_TABLE_CACHE_SIZE)
+_TENSOR_TABLES = _DeviceTableCache(_TABLE_CACHE_SIZE)
 
 
 def is_flat(t: torch.Tensor) -> bool:
@@ -48,27 +71,23 @@ def flat_compatible(tensors: list[torch.Tensor]) -> bool:
 
 def block_table(numels: list[int], chunk: int, device: torch.device) -> torch.Tensor:
     """(n_programs, 2) int64: row i = (tensor index, start element) of program i."""
-    key = (tuple(numels), chunk, device)
-    table = _BLOCK_TABLE_CACHE.get(key)
-    if table is not None:
-        _BLOCK_TABLE_CACHE.move_to_end(key)
-        return table
-    counts = np.asarray(numels, dtype=np.int64)
-    chunks = (counts + chunk - 1) // chunk
-    tensor_index = np.repeat(np.arange(len(numels), dtype=np.int64), chunks)
-    first_chunk_of_tensor = np.repeat(np.cumsum(chunks) - chunks, chunks)
-    start = (np.arange(int(chunks.sum()), dtype=np.int64) - first_chunk_of_tensor) * chunk
-    host = torch.from_numpy(np.stack([tensor_index, start], axis=1).copy())
-    table = to_device(host, device)
-    _BLOCK_TABLE_CACHE[key] = table
-    if len(_BLOCK_TABLE_CACHE) > _BLOCK_TABLE_CACHE_SIZE:
-        _BLOCK_TABLE_CACHE.popitem(last=False)
-    return table
+
+    def make():
+        counts = np.asarray(numels, dtype=np.int64)
+        chunks = (counts + chunk - 1) // chunk
+        tensor_index = np.repeat(np.arange(len(numels), dtype=np.int64), chunks)
+        first_chunk_of_tensor = np.repeat(np.cumsum(chunks) - chunks, chunks)
+        start = (np.arange(int(chunks.sum()), dtype=np.int64) - first_chunk_of_tensor) * chunk
+        return to_device(torch.from_numpy(np.stack([tensor_index, start], axis=1).copy()), device)
+
+    return _BLOCK_TABLES.get_or_make((tuple(numels), chunk, device), make)
 
 
 def tensor_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """(n_tensors, n_columns) int64 table of pointers, counts and flags, on ``device``."""
-    return to_device(torch.tensor(rows, dtype=torch.int64), device)
+    key = (device, tuple(value for row in rows for value in row))
+    return _TENSOR_TABLES.get_or_make(
+        key, lambda: to_device(torch.tensor(rows, dtype=torch.int64), device))
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
