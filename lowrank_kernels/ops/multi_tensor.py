@@ -85,7 +85,7 @@ def block_table(numels: list[int], chunk: int, device: torch.device) -> torch.Te
 
 def tensor_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """(n_tensors, n_columns) int64 table of pointers, counts and flags, on ``device``."""
-    key = (device, tuple(value for row in rows for value in row))
+    key = (device, len(rows[0]) if rows else 0, tuple(value for row in rows for value in row))
     return _TENSOR_TABLES.get_or_make(
         key, lambda: to_device(torch.tensor(rows, dtype=torch.int64), device))
 

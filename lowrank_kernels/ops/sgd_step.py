@@ -125,24 +125,29 @@ def _step_torch(params, grads, bufs, first, lr, grad_scale, found_inf, *, weight
     lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
     for i, (p, grad) in enumerate(zip(params, grads)):
         compute = torch.float64 if p.dtype == torch.float64 else torch.float32
-        g = grad.to(compute)
+        # fp32/fp64 params are updated in place; half-precision ones through an fp32 copy.
+        p_work = p if p.dtype == compute else p.to(compute)
+        g = grad if grad.dtype == compute else grad.to(compute)
         if grad_scale is not None:  # multiply by the reciprocal, exactly as the kernels do
             g = g * grad_scale.to(compute).reciprocal()
         if maximize:
             g = -g
-        p_full = p.to(compute)
         if weight_decay != 0 and not decoupled_weight_decay:
-            g = g.add(p_full, alpha=weight_decay)
+            g = g.add(p_work, alpha=weight_decay)
         if momentum != 0:
+            buf = bufs[i] if bufs[i].dtype == compute else bufs[i].to(compute)
             if first[i]:
-                buf = g.clone()
+                buf.copy_(g)
             else:
-                buf = bufs[i].to(compute).mul(momentum).add(g, alpha=1 - dampening)
-            bufs[i].copy_(buf)
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            if buf is not bufs[i]:
+                bufs[i].copy_(buf)
             g = g.add(buf, alpha=momentum) if nesterov else buf
         if decoupled_weight_decay and weight_decay != 0:
-            p_full = p_full.mul(1 - lr * weight_decay)
-        p.copy_(p_full.add(g, alpha=-lr))
+            p_work.mul_(1 - lr * weight_decay)
+        p_work.add_(g, alpha=-lr)
+        if p_work is not p:
+            p.copy_(p_work)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""pytest-benchmark suite of the SGD step: DecaySGD's backends against torch.optim.SGD.
+
+    python -m pytest benchmarks/bench_sgd_step.py --benchmark-only
+    python -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/bench.json
+
+One benchmark per (param set, contender), grouped by param set. Contenders and param sets are
+the report's (``sgd_step_cases.py``, ``param_sets.py``): lr=0.1, momentum=0.9, weight_decay=5e-4,
+fp32, timed after a warm-up step. On a GPU every round ends with ``torch.cuda.synchronize()`` so
+the wall time covers the kernels; the 124M-param set runs there only, the CPU runs the reduced
+one and a few rounds. Contenders that cannot run here are skipped with the reason.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import param_sets  # noqa: E402
+import runner  # noqa: E402
+import sgd_step_cases as cases  # noqa: E402
+
+DEVICE = runner.default_device()
+ON_GPU = DEVICE.type == "cuda"
+ROUNDS = 50 if ON_GPU else 5
+WARMUP_ROUNDS = 5 if ON_GPU else 1
+
+
+def _free() -> None:
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module", params=list(param_sets.ALL_PARAM_SETS))
+def param_set(request):
+    """(ParamSet, params with grads) on the benchmark device; shared by every contender."""
+    reason = param_sets.why_not_on(request.param, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    ps = param_sets.ALL_PARAM_SETS[request.param]()
+    params = param_sets.materialize(ps, DEVICE)
+    yield ps, params
+    del params
+    _free()
+
+
+@pytest.mark.parametrize("contender", [c.key for c in cases.ALL_CONTENDERS])
+def test_sgd_step(benchmark, param_set, contender):
+    ps, params = param_set
+    c = cases.BY_KEY[contender]
+    reason = cases.why_skipped(c, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        opt = cases.prepare(c, params)
+    except (RuntimeError, ValueError, TypeError) as exc:  # e.g. fused=True unsupported here
+        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+
+    if ON_GPU:
+        def step():
+            opt.step()
+            torch.cuda.synchronize(DEVICE)
+    else:
+        step = opt.step
+
+    benchmark.group = f"sgd_step[{ps.name}] {ps.n_tensors} tensors, {ps.n_params:,} params"
+    benchmark.extra_info.update(
+        device=runner.device_name(DEVICE), param_set=ps.name, n_tensors=ps.n_tensors,
+        n_params=ps.n_params, contender=c.label, bytes_per_step=cases.bytes_per_step(ps.n_params),
+        **cases.HYPER)
+    try:
+        benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        if benchmark.stats is not None:  # None under --benchmark-disable
+            median_s = benchmark.stats.stats.median
+            benchmark.extra_info["gb_per_s_at_median"] = (
+                cases.bytes_per_step(ps.n_params) / median_s / 1e9)
+    finally:
+        del opt
+        _free()
