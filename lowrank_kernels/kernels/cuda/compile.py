@@ -34,16 +34,27 @@ def load_module(filename: str, device_index: int):
                               options=("-std=c++17", f"-I{source_dir}"))
 
 
+# Dynamic shared memory a block may use without opting in (every GPU since Kepler).
+DEFAULT_SHARED_MEM_LIMIT = 48 * 1024
+
+
 def launch(filename: str, kernel: str, grid: tuple, block: tuple, args: tuple,
-           device: torch.device) -> None:
-    """Launch ``kernel`` from csrc/``filename`` on ``device``'s current torch stream."""
+           device: torch.device, shared_mem: int = 0) -> None:
+    """Launch ``kernel`` from csrc/``filename`` on ``device``'s current torch stream.
+
+    ``shared_mem``: bytes of dynamic shared memory per block. Above 48 KiB the kernel's
+    max_dynamic_shared_size_bytes attribute is raised first (the caller checks the device's opt-in
+    limit).
+    """
     import cupy
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     function = load_module(filename, index).get_function(kernel)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
     with cupy.cuda.Device(index):
-        function(grid, block, args, stream=stream)
+        if shared_mem > DEFAULT_SHARED_MEM_LIMIT:
+            function.max_dynamic_shared_size_bytes = int(shared_mem)
+        function(grid, block, args, stream=stream, shared_mem=int(shared_mem))
 
 
 def pointer(t: torch.Tensor | None):
