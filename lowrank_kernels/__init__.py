@@ -5,13 +5,16 @@ Set TRITON_INTERPRET=1 before importing this package to run the Triton kernels o
 from .backends import BackendUnavailableError, available_backends, resolve_backend
 from .ops.sgd_step import fused_sgd_step_
 from .optim.decay_sgd import DecaySGD
+from .tracker import RankTracker, galanti_resnet18_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "DecaySGD",
+    "RankTracker",
     "available_backends",
     "fused_sgd_step_",
+    "galanti_resnet18_layers",
     "resolve_backend",
 ]
