@@ -113,10 +113,10 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
 
     for (int sweep = 0; sweep < max_sweeps && off > threshold; ++sweep) {
         for (int r = 0; r < m; ++r) {
-            // Phase 1: the round's rotations. [[c, s], [-s, c]] diagonalizes [[app, apq], [apq, aqq]]
-            // (Golub & Van Loan's symmetric Schur 2x2). |apq| <= 1e-150 is taken as zero (identity,
-            // the entry is then cleared): the op scales A to entries <= 1, so |aqq - app| <= 2n and
-            // tau^2 cannot overflow.
+            // Phase 1: the round's rotations. [[c, s], [-s, c]] diagonalizes
+            // [[app, apq], [apq, aqq]] (Golub & Van Loan's symmetric Schur 2x2). |apq| <= 1e-150 is
+            // taken as zero (identity, the entry is then cleared): the op scales A to entries <= 1,
+            // so |aqq - app| <= 2n and tau^2 cannot overflow.
             for (int k = tid; k < K; k += threads) {
                 int p, q;
                 round_pair(k, r, m, p, q);

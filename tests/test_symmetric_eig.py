@@ -101,7 +101,8 @@ def test_diagonal_input(backend, device, dtype):
     check_decomposition(a, w, v, dtype, f"{backend} diagonal")
     torch.testing.assert_close(w[0].cpu(), diag.to(dtype).sort().values, rtol=0, atol=0)
     # eigenvectors are coordinate vectors (up to sign)
-    torch.testing.assert_close(v.abs().sum(dim=-2).double().cpu(), torch.ones(1, 7, dtype=torch.float64))
+    ones = torch.ones(1, 7, dtype=torch.float64)
+    torch.testing.assert_close(v.abs().sum(dim=-2).double().cpu(), ones)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -131,7 +132,8 @@ def test_only_lower_triangle_is_read(backend, device):
 
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
 def test_extreme_magnitudes_float32(backend, device, scale):
-    # Squared norms of these would overflow / underflow in fp32 without the op's power-of-two scaling.
+    # Squared norms of these would overflow / underflow in fp32 without the op's power-of-two
+    # scaling.
     a = random_symmetric(1, 6, seed=5) * scale
     w, v = batched_eigh(a.to(device, torch.float32), backend=backend)
     check_decomposition(a, w, v, torch.float32, f"{backend} scale={scale}")

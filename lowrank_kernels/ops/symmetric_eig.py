@@ -85,7 +85,8 @@ def _check_input(A) -> None:
     if A.layout != torch.strided:
         raise TypeError(f"batched_eigh supports dense (strided) tensors, got layout {A.layout}")
     if A.is_complex():
-        raise TypeError(f"batched_eigh supports real symmetric matrices, got complex dtype {A.dtype}")
+        raise TypeError(f"batched_eigh supports real symmetric matrices, got complex dtype "
+                        f"{A.dtype}")
     if A.dtype not in DTYPES:
         raise TypeError(f"batched_eigh supports float32 and float64 inputs, got {A.dtype}")
     if A.dim() not in (2, 3) or A.shape[-1] != A.shape[-2]:

@@ -1,4 +1,6 @@
-"""Triton kernel of the batched symmetric eigensolver (semantics: lowrank_kernels/ops/symmetric_eig.py).
+"""Triton kernel of the batched symmetric eigensolver.
+
+Semantics: lowrank_kernels/ops/symmetric_eig.py.
 
 Parallel two-sided Jacobi, one program per matrix. The matrix is padded to an even order M
 (one zero row/column when n is odd) and every round of a sweep applies M/2 disjoint rotations at
@@ -76,14 +78,15 @@ def _symmetric_eig_kernel(
     ar = tl.arange(0, R)
     cols_p = (cols * P)[None, :]
 
-    # Copy A (its lower triangle, mirrored: like torch.linalg.eigh, the upper one is never read) into
-    # scratch copy 0 with zero padding, set V^T = I, and take ||A||_F^2 and off(A)^2.
+    # Copy A (its lower triangle, mirrored: like torch.linalg.eigh, the upper one is never read)
+    # into scratch copy 0 with zero padding, set V^T = I, and take ||A||_F^2 and off(A)^2.
     fro = tl.zeros([R, P], DTYPE)
     off = tl.zeros([R, P], DTYPE)
     for rb in range(0, M, R):
         rows = rb + ar
         inside = (rows[:, None] < n) & (cols[None, :] < n)
-        lower = tl.maximum(rows[:, None], cols[None, :]) * n + tl.minimum(rows[:, None], cols[None, :])
+        lower = (tl.maximum(rows[:, None], cols[None, :]) * n
+                 + tl.minimum(rows[:, None], cols[None, :]))
         x = tl.load(a_ptr + lower, mask=inside, other=0.0).to(DTYPE)
         keep = (rows[:, None] < M) & col_ok[None, :]
         offsets = rows[:, None] * P + cols[None, :]
