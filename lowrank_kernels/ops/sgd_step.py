@@ -65,6 +65,9 @@ def fused_sgd_step_(
         groups.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), index in groups.items():
         name = resolve_backend(backend, device)
+        explicit = (backend or "auto") != "auto"
+        if name != "torch" and dtype not in KERNEL_DTYPES and not explicit:
+            name = "torch"  # "auto" (or LOWRANK_BACKEND) sends float64 to the reference
         if name != "torch" and dtype not in KERNEL_DTYPES:
             raise TypeError(f"backend {name!r} supports parameters of dtype float32, bfloat16 and "
                             f"float16, got {dtype}; use backend='torch' for it")
