@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .spectral import MEASURES, all_measures, singular_values, tracked_matrices
-from .spectral.alignment import _input_directions
+from .spectral.alignment import input_directions
 from .spectral.matricize import matricize
 
 DEFAULT_MEASURES = ("threshold_rank", "effective_rank", "normalized_effective_rank", "stable_rank",
@@ -311,7 +311,7 @@ class RankTracker:
         k = min(ALIGNMENT_TOP, u.shape[1], v_next.shape[1])
         if k == 0:
             return 0.0
-        directions = _input_directions(v_next[:, :k], self._param(self.tracked[j]))
+        directions = input_directions(v_next[:, :k], self._param(self.tracked[j]))
         a = (u[:, :k].transpose(0, 1).to(directions.dtype) @ directions).abs()
         return float(a.diagonal().mean())
 

@@ -15,7 +15,7 @@ from .matricize import matricize
 from .spectra import singular_values
 
 
-def _input_directions(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def input_directions(v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Right singular vectors (in_dim, k) of the next layer, as vectors over its input channels."""
     if weight.dim() <= 2:
         return v
@@ -40,7 +40,7 @@ def alignment_matrix(weight: torch.Tensor, next_weight: torch.Tensor, top: int =
     spectra = singular_values(matrices, return_vectors=True)
     (u, _), (_, v_next) = spectra.vectors
     k = min(top, u.shape[1], v_next.shape[1])
-    directions = _input_directions(v_next[:, :k], next_weight)
+    directions = input_directions(v_next[:, :k], next_weight)
     return (u[:, :k].transpose(0, 1).to(directions.dtype) @ directions).abs()
 
 
