@@ -6,164 +6,29 @@ Prints the report and writes it as markdown + JSON into ``benchmarks/results/`` 
 named ``report_<device kind>_<UTC date-time>``. The header records the environment and the
 device's measured copy bandwidth, against which memory-bound ops are judged.
 
-The report is a registry of sections: a section is a function taking the ``Context`` and
-returning a ``Section`` (title, columns, rows, notes). A later op adds its own with::
-
-    @register_section("my_op")
-    def my_op_section(ctx: Context) -> Section:
-        ...
-
-and every section runs, in registration order, unless ``--sections`` picks some.
+The sections live one per op in ``section_<op>.py`` (framework: ``report_core.py``); every
+section runs, in ``SECTION_MODULES`` order, unless ``--sections`` picks some.
 """
 from __future__ import annotations
 
 import argparse
-import gc
+import importlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-import param_sets  # noqa: E402
 import runner  # noqa: E402
-import sgd_step_cases as sgd_cases  # noqa: E402
+from report_core import SECTIONS, TIMING, Context  # noqa: E402
 
-# (warmup, repeat) calls per measurement, by device type and --quick.
-TIMING = {
-    ("cuda", False): (10, 100), ("cuda", True): (3, 20),
-    ("cpu", False): (3, 30), ("cpu", True): (1, 5),
-}
-
-
-@dataclass
-class Context:
-    device: torch.device
-    quick: bool
-    warmup: int
-    repeat: int
-    copy: dict[str, Any]              # runner.measure_copy_bandwidth() of this device
-    env: dict[str, Any]
-
-    @property
-    def copy_bytes_per_s(self) -> float:
-        return self.copy["bytes_per_s"]
-
-    def time(self, fn: Callable[[], Any]) -> dict[str, Any]:
-        return runner.time_fn(fn, warmup=self.warmup, repeat=self.repeat, device=self.device)
-
-
-@dataclass
-class Section:
-    name: str
-    title: str
-    columns: list[runner.Column]
-    rows: list[dict[str, Any]]
-    notes: list[str] = field(default_factory=list)
-
-    def markdown(self) -> str:
-        parts = [f"## {self.title}", "", runner.markdown_table(self.rows, self.columns)]
-        if self.notes:
-            parts += [""] + [f"- {n}" for n in self.notes]
-        return "\n".join(parts)
-
-
-SECTIONS: dict[str, Callable[[Context], Section]] = {}
-
-
-def register_section(name: str):
-    def decorate(fn: Callable[[Context], Section]) -> Callable[[Context], Section]:
-        if name in SECTIONS:
-            raise ValueError(f"report section {name!r} registered twice")
-        SECTIONS[name] = fn
-        return fn
-    return decorate
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------
-# Section: fused SGD step (DecaySGD) against torch.optim.SGD
-# ----------------------------------------------------------------------------------------------
-SGD_COLUMNS: list[runner.Column] = [
-    ("param_set", "param set", ""),
-    ("n_tensors", "#tensors", "d"),
-    ("n_params", "#params", ",d"),
-    ("contender", "contender", ""),
-    ("median_ms", "ms/step (median)", ".3f"),
-    ("iqr_ms", "IQR ms", ".3f"),
-    ("vs_sgd_forloop", "× for-loop", ".2f"),
-    ("vs_sgd_foreach", "× foreach", ".2f"),
-    ("vs_sgd_fused", "× fused", ".2f"),
-    ("gb_per_s", "GB/s (20 B/param)", ".1f"),
-    ("frac_copy_bw", "of copy BW", ".0%"),
-    ("note", "note", ""),
-]
-
-
-@register_section("sgd_step")
-def sgd_step_section(ctx: Context) -> Section:
-    rows: list[dict[str, Any]] = []
-    for ps in param_sets.param_sets_for(ctx.device):
-        params = param_sets.materialize(ps, ctx.device)
-        moved = sgd_cases.bytes_per_step(ps.n_params)
-        set_rows = []
-        for c in sgd_cases.ALL_CONTENDERS:
-            row: dict[str, Any] = {"param_set": ps.name, "n_tensors": ps.n_tensors,
-                                   "n_params": ps.n_params, "contender": c.label, "key": c.key,
-                                   "bytes_per_step": moved}
-            reason = sgd_cases.why_skipped(c, ctx.device)
-            opt = None
-            if reason is None:
-                try:
-                    opt = sgd_cases.prepare(c, params)
-                except (RuntimeError, ValueError, TypeError) as exc:
-                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
-            if reason is not None:
-                row["note"] = f"skipped: {reason}"
-                set_rows.append(row)
-                continue
-            stats = ctx.time(opt.step)
-            del opt
-            _free(ctx.device)
-            bytes_per_s = moved / (stats["median_ms"] * 1e-3)
-            row.update(stats)
-            row["gb_per_s"] = bytes_per_s / 1e9
-            row["frac_copy_bw"] = bytes_per_s / ctx.copy_bytes_per_s
-            set_rows.append(row)
-        anchors = {r["key"]: r["median_ms"] for r in set_rows
-                   if sgd_cases.BY_KEY[r["key"]].anchor and "median_ms" in r}
-        for r in set_rows:
-            for a in sgd_cases.ANCHORS:
-                r[f"vs_{a.key}"] = (anchors[a.key] / r["median_ms"]
-                                    if a.key in anchors and "median_ms" in r else None)
-        rows += set_rows
-        del params
-        _free(ctx.device)
-    notes = [
-        f"lr={sgd_cases.HYPER['lr']}, momentum={sgd_cases.HYPER['momentum']}, "
-        f"weight_decay={sgd_cases.HYPER['weight_decay']}, fp32; timed after a warm-up step "
-        f"(momentum buffers exist); {ctx.warmup} untimed + {ctx.repeat} timed steps per row.",
-        "× for-loop / × foreach / × fused = anchor's median time / this row's: > 1 means this "
-        "row is faster than that torch.optim.SGD variant.",
-        "GB/s counts the minimum traffic of a momentum step, 20 bytes per fp32 param (param, "
-        "grad, buffer read; param, buffer written); 'of copy BW' divides it by the measured "
-        "copy bandwidth above.",
-    ]
-    if ctx.device.type != "cuda":
-        notes.append("CPU: only the torch paths run (Triton on the CPU is an interpreter); the "
-                     "124M-param set is replaced by 'large_reduced'. A CPU copy also pays a "
-                     "read-for-ownership of the destination, so an in-place step can exceed 100%.")
-    return Section("sgd_step", "Fused SGD step: DecaySGD vs torch.optim.SGD", SGD_COLUMNS, rows,
-                   notes)
+# Importing a section module registers its sections; the order here is the report's order.
+SECTION_MODULES = ("section_sgd_step",)
+for _module in SECTION_MODULES:
+    importlib.import_module(_module)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""The report's framework: the timing context, a section's table, and the registry of sections.
+
+A section is a function taking the ``Context`` and returning a ``Section`` (title, columns, rows,
+notes). Each op keeps its section in a ``section_<op>.py`` module of this directory, registered
+with::
+
+    @register_section("my_op")
+    def my_op_section(ctx: Context) -> Section:
+        ...
+
+and ``report.py`` imports those modules in ``SECTION_MODULES`` order.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import runner
+
+# (warmup, repeat) calls per measurement, by device type and --quick.
+TIMING = {
+    ("cuda", False): (10, 100), ("cuda", True): (3, 20),
+    ("cpu", False): (3, 30), ("cpu", True): (1, 5),
+}
+
+
+@dataclass
+class Context:
+    device: torch.device
+    quick: bool
+    warmup: int
+    repeat: int
+    copy: dict[str, Any]              # runner.measure_copy_bandwidth() of this device
+    env: dict[str, Any]
+
+    @property
+    def copy_bytes_per_s(self) -> float:
+        return self.copy["bytes_per_s"]
+
+    def time(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        return runner.time_fn(fn, warmup=self.warmup, repeat=self.repeat, device=self.device)
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    columns: list[runner.Column]
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        parts = [f"## {self.title}", "", runner.markdown_table(self.rows, self.columns)]
+        if self.notes:
+            parts += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(parts)
+
+
+SECTIONS: dict[str, Callable[[Context], Section]] = {}
+
+
+def register_section(name: str):
+    def decorate(fn: Callable[[Context], Section]) -> Callable[[Context], Section]:
+        if name in SECTIONS:
+            raise ValueError(f"report section {name!r} registered twice")
+        SECTIONS[name] = fn
+        return fn
+    return decorate
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

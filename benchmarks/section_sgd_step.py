@@ -1,0 +1,82 @@
+"""Report section: the fused SGD step (DecaySGD) against torch.optim.SGD."""
+from __future__ import annotations
+
+from typing import Any
+
+import param_sets
+import runner
+import sgd_step_cases as sgd_cases
+from report_core import Context, Section, free, register_section
+
+
+SGD_COLUMNS: list[runner.Column] = [
+    ("param_set", "param set", ""),
+    ("n_tensors", "#tensors", "d"),
+    ("n_params", "#params", ",d"),
+    ("contender", "contender", ""),
+    ("median_ms", "ms/step (median)", ".3f"),
+    ("iqr_ms", "IQR ms", ".3f"),
+    ("vs_sgd_forloop", "× for-loop", ".2f"),
+    ("vs_sgd_foreach", "× foreach", ".2f"),
+    ("vs_sgd_fused", "× fused", ".2f"),
+    ("gb_per_s", "GB/s (20 B/param)", ".1f"),
+    ("frac_copy_bw", "of copy BW", ".0%"),
+    ("note", "note", ""),
+]
+
+
+@register_section("sgd_step")
+def sgd_step_section(ctx: Context) -> Section:
+    rows: list[dict[str, Any]] = []
+    for ps in param_sets.param_sets_for(ctx.device):
+        params = param_sets.materialize(ps, ctx.device)
+        moved = sgd_cases.bytes_per_step(ps.n_params)
+        set_rows = []
+        for c in sgd_cases.ALL_CONTENDERS:
+            row: dict[str, Any] = {"param_set": ps.name, "n_tensors": ps.n_tensors,
+                                   "n_params": ps.n_params, "contender": c.label, "key": c.key,
+                                   "bytes_per_step": moved}
+            reason = sgd_cases.why_skipped(c, ctx.device)
+            opt = None
+            if reason is None:
+                try:
+                    opt = sgd_cases.prepare(c, params)
+                except (RuntimeError, ValueError, TypeError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+            if reason is not None:
+                row["note"] = f"skipped: {reason}"
+                set_rows.append(row)
+                continue
+            stats = ctx.time(opt.step)
+            del opt
+            free(ctx.device)
+            bytes_per_s = moved / (stats["median_ms"] * 1e-3)
+            row.update(stats)
+            row["gb_per_s"] = bytes_per_s / 1e9
+            row["frac_copy_bw"] = bytes_per_s / ctx.copy_bytes_per_s
+            set_rows.append(row)
+        anchors = {r["key"]: r["median_ms"] for r in set_rows
+                   if sgd_cases.BY_KEY[r["key"]].anchor and "median_ms" in r}
+        for r in set_rows:
+            for a in sgd_cases.ANCHORS:
+                r[f"vs_{a.key}"] = (anchors[a.key] / r["median_ms"]
+                                    if a.key in anchors and "median_ms" in r else None)
+        rows += set_rows
+        del params
+        free(ctx.device)
+    notes = [
+        f"lr={sgd_cases.HYPER['lr']}, momentum={sgd_cases.HYPER['momentum']}, "
+        f"weight_decay={sgd_cases.HYPER['weight_decay']}, fp32; timed after a warm-up step "
+        f"(momentum buffers exist); {ctx.warmup} untimed + {ctx.repeat} timed steps per row.",
+        "× for-loop / × foreach / × fused = anchor's median time / this row's: > 1 means this "
+        "row is faster than that torch.optim.SGD variant.",
+        "GB/s counts the minimum traffic of a momentum step, 20 bytes per fp32 param (param, "
+        "grad, buffer read; param, buffer written); 'of copy BW' divides it by the measured "
+        "copy bandwidth above.",
+    ]
+    if ctx.device.type != "cuda":
+        notes.append("CPU: only the torch paths run (Triton on the CPU is an interpreter); the "
+                     "124M-param set is replaced by 'large_reduced'. A CPU copy also pays a "
+                     "read-for-ownership of the destination, so an in-place step can exceed 100%.")
+    return Section("sgd_step", "Fused SGD step: DecaySGD vs torch.optim.SGD", SGD_COLUMNS, rows,
+                   notes)
