@@ -3,6 +3,7 @@
 Set TRITON_INTERPRET=1 before importing this package to run the Triton kernels on the CPU.
 """
 from .backends import BackendUnavailableError, available_backends, resolve_backend
+from .ops.decay_outer import decay_outer_
 from .ops.sgd_step import fused_sgd_step_
 from .optim.decay_sgd import DecaySGD
 from .tracker import RankTracker, galanti_resnet18_layers
@@ -14,6 +15,7 @@ __all__ = [
     "DecaySGD",
     "RankTracker",
     "available_backends",
+    "decay_outer_",
     "fused_sgd_step_",
     "galanti_resnet18_layers",
     "resolve_backend",
