@@ -6,6 +6,7 @@ from .backends import BackendUnavailableError, available_backends, resolve_backe
 from .ops.decay_outer import decay_outer_
 from .ops.sgd_step import fused_sgd_step_
 from .optim.decay_sgd import DecaySGD
+from .spectral.gradient_rank import gradient_rank
 from .tracker import RankTracker, galanti_resnet18_layers
 
 __version__ = "0.1.0"
@@ -18,5 +19,6 @@ __all__ = [
     "decay_outer_",
     "fused_sgd_step_",
     "galanti_resnet18_layers",
+    "gradient_rank",
     "resolve_backend",
 ]
