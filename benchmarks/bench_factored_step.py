@@ -1,0 +1,49 @@
+"""pytest-benchmark suite: one MLP training step, DecaySGD factored vs dense vs torch SGD fused.
+
+    python -m pytest benchmarks/bench_factored_step.py --benchmark-only
+
+Model, batch and hyper-parameters: ``factored_step_cases.py``. On a GPU every round ends with
+``torch.cuda.synchronize()``.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import factored_step_cases as cases  # noqa: E402
+import runner  # noqa: E402
+
+DEVICE = runner.default_device()
+ON_GPU = DEVICE.type == "cuda"
+
+
+@pytest.mark.parametrize("contender", [c.key for c in cases.CONTENDERS])
+def test_factored_training_step(benchmark, contender):
+    c = cases.BY_KEY[contender]
+    try:
+        step, model, opt = cases.build(c, DEVICE)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+
+    def timed():
+        step()
+        if ON_GPU:
+            torch.cuda.synchronize(DEVICE)
+
+    width = cases.width_for(DEVICE)
+    benchmark.group = f"training step, MLP {cases.DEPTH}x{width}, batch {cases.BATCH}"
+    benchmark.extra_info.update(device=runner.device_name(DEVICE), contender=c.label,
+                                width=width, grad_bytes=cases.grad_bytes(model), **cases.HYPER)
+    peak = cases.peak_step_bytes(step, DEVICE)
+    if peak is not None:
+        benchmark.extra_info["peak_step_bytes"] = peak
+    benchmark.pedantic(timed, rounds=30 if ON_GPU else 5, iterations=1,
+                       warmup_rounds=5 if ON_GPU else 1)
+    del step, model, opt
+    gc.collect()
