@@ -16,7 +16,8 @@ class BuildPyWithKernelSources(build_py):
         super().run()
         target = Path(self.build_lib) / "lowrank_kernels" / "csrc"
         target.mkdir(parents=True, exist_ok=True)
-        for source in Path(__file__).parent.joinpath("csrc").glob("*.cu"):
+        sources = Path(__file__).parent.joinpath("csrc")
+        for source in [*sources.glob("*.cu"), *sources.glob("*.cuh")]:  # kernels and their headers
             shutil.copy2(source, target / source.name)
 
 
