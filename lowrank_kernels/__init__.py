@@ -6,6 +6,7 @@ from .backends import BackendUnavailableError, available_backends, resolve_backe
 from .ops.decay_outer import decay_outer_
 from .ops.sgd_step import fused_sgd_step_
 from .optim.decay_sgd import DecaySGD
+from .simulate import SimulationResult, predict, simulate, sweep
 from .spectral.gradient_rank import gradient_rank
 from .tracker import RankTracker, galanti_resnet18_layers
 
@@ -15,10 +16,14 @@ __all__ = [
     "BackendUnavailableError",
     "DecaySGD",
     "RankTracker",
+    "SimulationResult",
     "available_backends",
     "decay_outer_",
     "fused_sgd_step_",
     "galanti_resnet18_layers",
     "gradient_rank",
+    "predict",
     "resolve_backend",
+    "simulate",
+    "sweep",
 ]
