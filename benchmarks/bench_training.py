@@ -1,0 +1,68 @@
+"""pytest-benchmark suite: one ResNet-18 training step, DecaySGD vs torch SGD fused, with and
+without rank tracking.
+
+    python -m pytest benchmarks/bench_training.py --benchmark-only
+
+Model, data, batch and hyper-parameters: ``training_cases.py``. A round is a block of steps that
+holds a whole number of tracking periods (100 steps on a GPU), so a RankTracker recording every
+100 steps is charged for its records; ``extra_info["ms_per_step"]`` is the block time over its
+steps. On the CPU a block is 2 steps and the every-100 contender is skipped (a block of 100
+ResNet-18 steps takes minutes there); the report estimates it instead. On a GPU every round ends
+with ``torch.cuda.synchronize()``.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import runner  # noqa: E402
+import training_cases as cases  # noqa: E402
+
+DEVICE = runner.default_device()
+ON_GPU = DEVICE.type == "cuda"
+BLOCK = cases.TRACK_EVERY_SPARSE if ON_GPU else 2
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return cases.synthetic_batches(DEVICE, cases.batch_for(DEVICE))
+
+
+@pytest.mark.parametrize("contender", [c.key for c in cases.CONTENDERS])
+def test_training_step(benchmark, contender, batches):
+    c = cases.BY_KEY[contender]
+    if c.track_every is not None and BLOCK % c.track_every:
+        pytest.skip(f"a block of {BLOCK} steps on {DEVICE.type} holds no whole period of "
+                    f"{c.track_every} steps; the report estimates this contender there")
+    try:
+        case = cases.build(c, DEVICE, batches)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+
+    def block():
+        for _ in range(BLOCK):
+            case.step()
+        if ON_GPU:
+            torch.cuda.synchronize(DEVICE)
+
+    batch = cases.batch_for(DEVICE)
+    benchmark.group = (f"training step, ResNet-18, batch {batch}, {cases.amp_for(DEVICE)}, "
+                       f"blocks of {BLOCK} steps")
+    benchmark.extra_info.update(device=runner.device_name(DEVICE), contender=c.label,
+                                batch=batch, steps_per_round=BLOCK, amp=cases.amp_for(DEVICE),
+                                track_every=c.track_every, **cases.HYPER)
+    benchmark.pedantic(block, rounds=5 if ON_GPU else 2, iterations=1, warmup_rounds=1)
+    if benchmark.stats is not None:
+        median_s = benchmark.stats.stats.median
+        benchmark.extra_info["ms_per_step"] = median_s * 1e3 / BLOCK
+        benchmark.extra_info["epoch_estimate_s"] = median_s / BLOCK * cases.steps_per_epoch(DEVICE)
+    del case
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
