@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 
 from lowrank_kernels import decay_outer_
-from lowrank_kernels.backends import BACKENDS, why_unavailable
-from sgd_step_cases import speed_backends
+from lowrank_kernels.backends import BACKENDS
+from sgd_step_cases import why_backend_skipped
 
 KS = (1, 8, 32, 128, 512)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -77,12 +77,7 @@ def size_for(device: torch.device | str) -> int:
 
 def why_skipped(contender: Contender, device: torch.device | str) -> str | None:
     """None when the contender is timed on ``device``, else the reason it is not."""
-    device = torch.device(device)
-    if contender.backend is None or contender.backend in speed_backends(device):
-        return None
-    if contender.backend == "triton" and device.type != "cuda":
-        return "Triton on the CPU is its interpreter, a correctness tool, not a speed path"
-    return why_unavailable(contender.backend, device) or "not a speed path on this device"
+    return why_backend_skipped(contender.backend, device)
 
 
 def bytes_moved(m: int, n: int, k: int, dtype: torch.dtype) -> int:

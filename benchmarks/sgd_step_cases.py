@@ -64,12 +64,17 @@ def why_skipped(contender: Contender, device: torch.device | str) -> str | None:
     (An anchor torch rejects at run time, e.g. ``fused=True`` on an old CPU build, is skipped by
     the caller when ``prepare`` raises.)
     """
+    return why_backend_skipped(contender.backend, device)
+
+
+def why_backend_skipped(backend: str | None, device: torch.device | str) -> str | None:
+    """None when ``backend`` (None: a plain torch anchor) is timed on ``device``, else why not."""
     device = torch.device(device)
-    if contender.backend is None or contender.backend in speed_backends(device):
+    if backend is None or backend in speed_backends(device):
         return None
-    if contender.backend == "triton" and device.type != "cuda":
+    if backend == "triton" and device.type != "cuda":
         return "Triton on the CPU is its interpreter, a correctness tool, not a speed path"
-    return why_unavailable(contender.backend, device) or "not a speed path on this device"
+    return why_unavailable(backend, device) or "not a speed path on this device"
 
 
 def prepare(contender: Contender, params: list[torch.Tensor]) -> torch.optim.Optimizer:

@@ -75,13 +75,13 @@ import math  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import deque  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
 from training import sweep_plots  # noqa: E402
+from training.checkpoint import atomic_write_text, json_safe  # noqa: E402
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 SUMMARY = "summary.json"
@@ -583,27 +583,6 @@ def _differing_settings(configs: dict[str, dict]) -> list[str]:
     return differing
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_table(out: str | os.PathLike, rows: Sequence[dict], full_rows: Sequence[dict]) -> tuple[Path, Path]:
     """``sweep.csv`` (TABLE_COLUMNS) and ``sweep.jsonl`` (one full row per line), atomically."""
     out = Path(out)
@@ -613,8 +592,8 @@ def write_table(out: str | os.PathLike, rows: Sequence[dict], full_rows: Sequenc
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in TABLE_COLUMNS})
     csv_path, jsonl_path = out / "sweep.csv", out / "sweep.jsonl"
-    _atomic_write_text(csv_path, buffer.getvalue())
-    _atomic_write_text(jsonl_path, "".join(json.dumps(_json_safe(r)) + "\n" for r in full_rows))
+    atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_text(jsonl_path, "".join(json.dumps(json_safe(r)) + "\n" for r in full_rows))
     return csv_path, jsonl_path
 
 
@@ -730,7 +709,7 @@ def write_manifest(out: Path, args: argparse.Namespace, grid: Sequence[RunSpec],
         "train_script": str(TRAIN_SCRIPT),
         "updated": datetime.datetime.now().isoformat(timespec="seconds"),
     }
-    _atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / "sweep.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def main(argv: Sequence[str] | None = None, *, launcher=default_launcher, log: Callable[[str], None] | None = print) -> int:

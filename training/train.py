@@ -414,20 +414,9 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _json_safe(value):
-    """NaN/Inf become null: JSON has no spelling for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def write_metrics(run_dir: Path, records: list[dict]) -> None:
     """metrics.jsonl and metrics.csv, rewritten atomically (a crash never leaves a torn line)."""
-    lines = "".join(json.dumps(_json_safe(rec)) + "\n" for rec in records)
+    lines = "".join(json.dumps(ckpt.json_safe(rec)) + "\n" for rec in records)
     ckpt.atomic_write_text(run_dir / "metrics.jsonl", lines)
     layer_columns = []
     for rec in records:
@@ -449,11 +438,11 @@ def write_metrics(run_dir: Path, records: list[dict]) -> None:
 def write_rank_records(run_dir: Path, records: list[dict], rewrite: bool = False) -> None:
     path = run_dir / "ranks.jsonl"
     if rewrite:
-        ckpt.atomic_write_text(path, "".join(json.dumps(_json_safe(r)) + "\n" for r in records))
+        ckpt.atomic_write_text(path, "".join(json.dumps(ckpt.json_safe(r)) + "\n" for r in records))
         return
     with open(path, "a", encoding="utf-8") as f:
         for rec in records:
-            f.write(json.dumps(_json_safe(rec)) + "\n")
+            f.write(json.dumps(ckpt.json_safe(rec)) + "\n")
 
 
 def open_tensorboard(run_dir: Path, purge_step: int | None):
@@ -969,7 +958,7 @@ def _run(cfg: dict, explicit: set[str], distributed: Distributed, device: torch.
             "config": saved_cfg,
             "resolved": resolved,
         }
-        ckpt.atomic_write_json(run_dir / "summary.json", _json_safe(summary))
+        ckpt.atomic_write_json(run_dir / "summary.json", ckpt.json_safe(summary))
         if final["avg_threshold_rank"] is not None and records[0]["avg_threshold_rank"] is not None:
             log(f"Average threshold rank {records[0]['avg_threshold_rank']:.2f} -> {final['avg_threshold_rank']:.2f}"
                 f"; test accuracy {100 * (final['test_acc'] or 0):.1f}%. Outputs in {run_dir}"
