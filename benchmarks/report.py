@@ -26,8 +26,8 @@ import runner  # noqa: E402
 from report_core import SECTIONS, TIMING, Context  # noqa: E402
 
 # Importing a section module registers its sections; the order here is the report's order.
-SECTION_MODULES = ("section_sgd_step", "section_decay_outer", "section_factored_step",
-                   "section_simulate", "section_training")
+SECTION_MODULES = ("section_sgd_step", "section_spectra", "section_decay_outer",
+                   "section_factored_step", "section_simulate", "section_training")
 for _module in SECTION_MODULES:
     importlib.import_module(_module)
 

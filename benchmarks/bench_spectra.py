@@ -1,0 +1,86 @@
+"""pytest-benchmark suite of the spectra: singular values + every measure of a model's weight
+matrices, ours (exact, randomized, adaptive) against torch.linalg.svdvals (loop and batched),
+torch.svd_lowrank and, on a GPU, cupy.linalg.svd.
+
+    python -m pytest benchmarks/bench_spectra.py --benchmark-only
+    python -m pytest benchmarks/bench_spectra.py --benchmark-only -k resnet18
+
+One benchmark per (matrix set, contender), grouped by matrix set. Matrix sets and contenders are
+the report's (``spectra_cases.py``): the 21 weight matrices of a CIFAR ResNet-18 and the 48 of a
+12-layer, 768-wide Transformer (its first 5 layers on the CPU), trained-like float32 matrices. On
+a GPU every round ends with ``torch.cuda.synchronize()`` so the wall time covers the kernels.
+Each benchmark's ``extra_info`` holds the accuracy against float64 LAPACK (top-64 relative error,
+threshold-rank agreement). Contenders that cannot run here are skipped with the reason.
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import runner  # noqa: E402
+import spectra_cases as cases  # noqa: E402
+
+DEVICE = runner.default_device()
+ON_GPU = DEVICE.type == "cuda"
+# The CPU loops of LAPACK SVDs take seconds per call on the Transformer set: few rounds there.
+ROUNDS = 20 if ON_GPU else 3
+WARMUP_ROUNDS = 2 if ON_GPU else 0
+
+
+def _free() -> None:
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module", params=list(cases.ALL_MATRIX_SETS))
+def matrix_set(request):
+    """(MatrixSet, matrices on the benchmark device, float64 reference values)."""
+    reason = cases.why_not_on(request.param, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    ms = cases.ALL_MATRIX_SETS[request.param]()
+    matrices = cases.materialize(ms, DEVICE)
+    yield ms, matrices, cases.reference_values(ms)
+    del matrices
+    _free()
+
+
+@pytest.mark.parametrize("contender", [c.key for c in cases.CONTENDERS])
+def test_spectra(benchmark, matrix_set, contender):
+    ms, matrices, reference = matrix_set
+    c = cases.BY_KEY[contender]
+    reason = cases.why_skipped(c, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    try:
+        result = c.run(matrices)  # warm-up, and the accuracy of this contender
+    except (RuntimeError, ValueError, TypeError, ImportError) as exc:
+        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+
+    if ON_GPU:
+        def call():
+            c.run(matrices)
+            torch.cuda.synchronize(DEVICE)
+    else:
+        def call():
+            c.run(matrices)
+
+    benchmark.group = (f"spectra[{ms.name}] {ms.n_matrices} matrices, {ms.n_shape_groups} shapes, "
+                       f"{ms.n_weights:,} weights")
+    accuracy = cases.accuracy(result, reference)
+    del result
+    benchmark.extra_info.update(
+        device=runner.device_name(DEVICE), matrix_set=ms.name, n_matrices=ms.n_matrices,
+        contender=c.label, tier=c.tier, k=cases.K, eps=cases.EPS,
+        topk_rel_err=accuracy["topk_rel_err"], threshold_rank_agree=accuracy["rank_agree_str"])
+    try:
+        benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+    finally:
+        _free()
