@@ -216,3 +216,25 @@ def test_randomized_tier_on_every_backend(backend):
     got = S.singular_values(mats, method="randomized", k=8, backend=backend)
     assert torch.allclose(got.values, reference.values, rtol=1e-6, atol=1e-9)
     assert S.threshold_rank(got).tolist() == S.threshold_rank(reference).tolist()
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_extreme_magnitudes_are_scaled_exactly(method, scale):
+    """float64 inputs far outside float32's range: the values scale with the input, no Inf/0."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 20, dtype=torch.float64)
+    ref = torch.linalg.svdvals(w)
+    sp = S.singular_values((w * scale), method=method, k=12)
+    got = sp.values[0, :12].double()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got / scale, ref, rtol=1e-5, atol=0)
+    assert int(S.threshold_rank(w * scale, method=method, k=12)) == 12
+
+
+def test_nan_in_a_later_matrix_is_named():
+    good = torch.randn(4, 5)
+    bad = torch.randn(3, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"matrix 1 \(shape \(3, 3\)\) contains NaN or Inf"):
+        S.singular_values([good, bad])
