@@ -113,6 +113,9 @@ class DecaySGD(Optimizer):
             raise ValueError("DecaySGD(factored=True) needs the model that owns the parameters "
                              "(model=...), to find the layer of each weight")
         owners: dict[int, list[tuple[str, nn.Module]]] = {}
+        # Projections called functionally by nn.MultiheadAttention never run their own forward.
+        in_attention = {id(child) for m in self._model.modules()
+                        if isinstance(m, nn.MultiheadAttention) for child in m.children()}
         for name, module in self._model.named_modules():
             for pname, param in module.named_parameters(recurse=False):
                 owners.setdefault(id(param), []).append((f"{name}.{pname}" if name else pname,
@@ -132,10 +135,9 @@ class DecaySGD(Optimizer):
                 continue
             if p is not getattr(module, "weight", None):
                 continue  # biases, norm scales ...: the dense step, silently
-            reason = why_not_capturable(module)
-            if reason is not None or isinstance(self._parent_of(module), nn.MultiheadAttention):
-                if isinstance(self._parent_of(module), nn.MultiheadAttention):
-                    reason = "projection inside nn.MultiheadAttention (called functionally)"
+            reason = (why_not_capturable(module) if id(module) not in in_attention
+                      else "projection inside nn.MultiheadAttention (called functionally)")
+            if reason is not None:
                 if p.dim() >= 2:
                     dense_weights.append(f"{name} ({reason})")
                 continue
@@ -144,12 +146,6 @@ class DecaySGD(Optimizer):
         if dense_weights:
             warnings.warn("DecaySGD(factored=True): these weights take the dense step: "
                           + ", ".join(dense_weights), stacklevel=3)
-
-    def _parent_of(self, module: nn.Module) -> nn.Module | None:
-        for parent in self._model.modules():
-            if any(child is module for child in parent.children()):
-                return parent
-        return None
 
     def factored_parameters(self) -> list[torch.Tensor]:
         """The weights stepped from captured factors (their ``requires_grad`` is off)."""

@@ -109,19 +109,6 @@ class FactorCapture:
         else:  # a second backward through the same graph (retain_graph): one more term of the sum
             self.records.append(_Record(record.input, grad_output.detach()))
 
-    @property
-    def rows_per_example(self) -> int | None:
-        """R of the last completed record (K / B), or None when nothing was captured."""
-        for r in reversed(self.records):
-            if r.grad_output is not None:
-                return self._rows(r.grad_output) // max(1, r.grad_output.shape[0])
-        return None
-
-    def _rows(self, grad_output: Tensor) -> int:
-        if isinstance(self.module, nn.Conv2d):
-            return grad_output.shape[0] * grad_output.shape[2] * grad_output.shape[3]
-        return grad_output.numel() // grad_output.shape[-1]
-
     def factors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
         """(D, F) of every completed record, stacked along K; None when there are none."""
         done = [r for r in self.records if r.grad_output is not None]

@@ -92,13 +92,15 @@ def gradient_rank(model: nn.Module, inputs: Tensor, targets: Tensor | None = Non
             w.requires_grad_(flag)
     rows = []
     for (name, module), g in zip(layers, grads):
-        if g is None:
-            continue  # the layer is not on the loss's path
+        if g is None or name not in rows_per_example:
+            # not on the loss's path, or its weight is used functionally (nn.MultiheadAttention's
+            # out_proj): without its own forward there is no R to bound the rank with
+            continue
         if not bool(torch.isfinite(g).all()):
             raise ValueError(f"gradient_rank: the gradient of {name} contains NaN or Inf")
         matrix = g.reshape(g.shape[0], -1)
         rank, tol = numerical_rank(matrix, rtol)
-        r = rows_per_example.get(name, 1)
+        r = rows_per_example[name]
         bound = min(matrix.shape[0], matrix.shape[1], batch * r)
         rows.append(dict(name=name, shape=tuple(matrix.shape), batch_size=batch,
                          rows_per_example=r, rank=rank, bound=bound, attained=rank == bound,
