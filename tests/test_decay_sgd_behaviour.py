@@ -842,3 +842,12 @@ def test_training_tiny_model_matches_torch_sgd(device, backend):
     assert sum(losses[-5:]) < sum(losses[:5])  # it did train
     for (name, p), r in zip(model.named_parameters(), ref_model.parameters()):
         assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-5, msg=f"{name} differs")
+
+
+def test_load_state_dict_keeps_this_optimizers_backend():
+    """A state saved with another backend (e.g. "cuda" on a GPU machine) loads anywhere."""
+    p = torch.nn.Parameter(torch.ones(3))
+    saved = DecaySGD([p], lr=0.1, backend="cuda").state_dict()
+    opt = DecaySGD([torch.nn.Parameter(torch.ones(3))], lr=0.5, backend="torch")
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["backend"] == "torch" and opt.param_groups[0]["lr"] == 0.1

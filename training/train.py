@@ -504,18 +504,15 @@ def write_plots(run_dir: Path, tracker: RankTracker, records: list[dict], rank_n
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"average threshold rank (eps={tracker.eps:g})")
     ax.set_title(f"rank over {len(rank_names)} layers")
-    ax = fig.add_subplot(1, 3, 2)
-    for key, label in (("train_acc", "train"), ("test_acc", "test")):
-        ax.plot(epochs, [np.nan if r[key] is None else r[key] for r in records], marker="o", ms=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.legend()
-    ax = fig.add_subplot(1, 3, 3)
-    for key, label in (("train_loss", "train"), ("test_loss", "test")):
-        ax.plot(epochs, [np.nan if r[key] is None else r[key] for r in records], marker="o", ms=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cross-entropy loss")
-    ax.legend()
+    for panel, (metric, ylabel) in enumerate((("acc", "accuracy"), ("loss", "cross-entropy loss")), 2):
+        ax = fig.add_subplot(1, 3, panel)
+        for split in ("train", "test"):
+            key = f"{split}_{metric}"
+            ax.plot(epochs, [np.nan if r[key] is None else r[key] for r in records], marker="o", ms=3,
+                    label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
     for ax in fig.axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     save(fig, "curves.png")
@@ -748,13 +745,10 @@ def _run(cfg: dict, explicit: set[str], distributed: Distributed, device: torch.
     start_epoch, step = 0, 0
     if state is not None:
         raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if isinstance(optimizer, DecaySGD):  # --backend may change on resume: same arithmetic
-            for group in optimizer.param_groups:
-                group["backend"] = cfg["backend"]
+        optimizer.load_state_dict(state["optimizer"])  # DecaySGD keeps this run's --backend
+        # The schedule function is not in the state (LambdaLR saves only callable objects): the
+        # one built above from this run's --epochs stays.
         scheduler.load_state_dict(state["scheduler"])
-        # The cosine schedule depends on the planned length, which --epochs may have changed.
-        scheduler.lr_lambdas = [lr_factor_fn(cfg, steps_per_epoch)]
         ckpt.set_rng_state(state["rng"])
         records = list(state["metrics"])
         start_epoch, step = int(state["epoch"]), int(state["step"])

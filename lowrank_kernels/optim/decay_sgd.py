@@ -165,12 +165,16 @@ class DecaySGD(Optimizer):
         for capture in self._captures.values():
             capture.clear(set_to_none)
 
+    # Group options that say where and how this optimizer runs, not what it computes: a loaded
+    # state keeps this optimizer's own (the capture hooks are set up at construction; a state
+    # saved with backend="cuda" must load on a machine without a GPU).
+    _PLACEMENT_OPTIONS = ("factored", "backend")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The hooks are set up at construction: a loaded state does not switch factored on/off.
-        factored = [g["factored"] for g in self.param_groups]
+        placement = [{k: g[k] for k in self._PLACEMENT_OPTIONS} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, f in zip(self.param_groups, factored):
-            g["factored"] = f
+        for g, kept in zip(self.param_groups, placement):
+            g.update(kept)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Also called by load_state_dict: fills the keys a torch.optim.SGD state dict lacks.
