@@ -241,6 +241,7 @@ class DecaySGD(Optimizer):
                 and torch.distributed.get_world_size() > 1:
             raise RuntimeError("DecaySGD(factored=True) does not support data-parallel training "
                                "(the factors are not all-reduced); use factored=False under DDP")
+        lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])  # once per group
         for p in stepping:
             if p.grad is not None or p.requires_grad:
                 raise RuntimeError("DecaySGD(factored=True): a factored weight requires grad or "
@@ -253,9 +254,8 @@ class DecaySGD(Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             factored_update_(
                 p, factors, state.get("momentum_buffer"), first_step=first,
-                lr=_scalar(group["lr"]), weight_decay=_scalar(group["weight_decay"]),
-                momentum=group["momentum"], dampening=group["dampening"],
-                nesterov=group["nesterov"], maximize=group["maximize"],
+                lr=lr, weight_decay=weight_decay, momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"], backend=group["backend"])
 
     def _init_group(self, group):

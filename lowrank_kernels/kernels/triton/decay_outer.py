@@ -126,7 +126,10 @@ def _decay_outer_kernel(
 
 
 _decay_outer_tuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["M", "N", "K_BUCKET"], restore_value=["w_ptr"],
+    # INPUT_PRECISION and READ_W change the kernel (and which tiles the pruner keeps), so a
+    # config tuned for one variant must not be handed to the other.
+    configs=_GPU_CONFIGS, key=["M", "N", "K_BUCKET", "INPUT_PRECISION", "READ_W"],
+    restore_value=["w_ptr"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_decay_outer_kernel)
 
