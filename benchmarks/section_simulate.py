@@ -30,7 +30,7 @@ COLUMNS: list[runner.Column] = [
     ("total_s", "total s", ".2f"),
     ("steps_per_s", "steps/s", ",.0f"),
     ("ms_per_step", "ms/step (updates)", ".4f"),
-    ("vs_op", "× op alone", ".2f"),
+    ("vs_op", "time / op alone", ".2f"),
     ("record_share", "time in spectra", ".0%"),
     ("final_rank", "final threshold rank", "d"),
     ("note", "note", ""),
@@ -112,7 +112,8 @@ def simulate_section(ctx: Context) -> Section:
         "Gaussian factors, fp32, W[0] = 0, backend 'auto'.",
         "ms/step (updates) = (total time - time in spectra) / steps: the fused op plus the "
         "factors' generation (one randn per chunk of steps) and the per-step Python call; "
-        "× op alone divides it by the op's median time on the same shapes.",
+        "time / op alone divides it by the op's median time on the same shapes (> 1: slower "
+        "than the op alone, unlike the × columns of the other sections).",
         "Each simulate row is one run, timed once end to end (perf_counter, device synchronised); "
         "time in spectra includes the device synchronisation before each batch of records.",
     ]

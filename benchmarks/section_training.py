@@ -71,7 +71,7 @@ def training_section(ctx: Context) -> Section:
         if c.key == "decaysgd" and not on_gpu:
             # Measure the record alone on this model: the tracked rows are computed from it.
             tracker = cases.RankTracker(case.model, every=1, keep_spectra=False)
-            record_stats = runner.time_fn(tracker.record, warmup=0, repeat=CPU_RECORD_REPEAT,
+            record_stats = runner.time_fn(tracker.record, warmup=1, repeat=CPU_RECORD_REPEAT,
                                           device=device)
             record_method, n_tracked = tracker.last_method, len(tracker.layer_names)
         if c.track_every == 1 and on_gpu:

@@ -102,7 +102,7 @@ def resnet18_cifar() -> MatrixSet:
             shapes.append((name, (shape[0], math.prod(shape[1:]))))
         elif len(shape) == 2:                                  # the classifier
             shapes.append((name, tuple(shape)))
-    assert len(shapes) == 21 and sum(1 for _, s in param_sets.resnet18_cifar_shapes() if len(s) == 4) == 20
+    assert len(shapes) == 21  # 20 convs + fc
     return MatrixSet("resnet18_cifar", "CIFAR ResNet-18: 20 convs + fc", tuple(shapes))
 
 
@@ -210,7 +210,6 @@ class Contender:
     label: str                                 # table label
     tier: str                                  # "exact" (every value) or "randomized" (top k)
     run: Callable[[list[torch.Tensor]], Result]
-    anchor: bool = False                       # a baseline the others are compared with
     gpu_only: bool = False
     needs_module: str | None = None            # an optional package the contender imports
 
@@ -293,11 +292,11 @@ CONTENDERS = (
     Contender("ours_adaptive", f"ours randomized adaptive (k={K}+)", "randomized",
               _ours(method="randomized", k=K, oversample=OVERSAMPLE, power_iters=POWER_ITERS,
                     adaptive=True, eps=EPS, seed=SEED)),
-    Contender("svdvals_loop", "torch.linalg.svdvals loop", "exact", _svdvals_loop, anchor=True),
+    Contender("svdvals_loop", "torch.linalg.svdvals loop", "exact", _svdvals_loop),
     Contender("svdvals_batched", "torch.linalg.svdvals batched per shape", "exact",
               _svdvals_batched),
     Contender("svd_lowrank_q64", f"torch.svd_lowrank loop (q={K}, niter={POWER_ITERS})",
-              "randomized", _svd_lowrank_loop(K, K), anchor=True),
+              "randomized", _svd_lowrank_loop(K, K)),
     Contender("svd_lowrank_q80", f"torch.svd_lowrank loop (q={K + OVERSAMPLE}, top {K})",
               "randomized", _svd_lowrank_loop(K + OVERSAMPLE, K)),
     Contender("cupy_svd_loop", "cupy.linalg.svd loop", "exact", _cupy_svd_loop, gpu_only=True,
@@ -341,5 +340,3 @@ def accuracy(result: Result, reference: list[np.ndarray], k: int = K,
             "rank_agree_str": f"{agree}/{len(reference)}"}
 
 
-def reference_threshold_ranks(reference: list[np.ndarray], eps: float = EPS) -> list[int]:
-    return [int((ref > eps * np.sqrt((ref ** 2).sum())).sum()) for ref in reference]
