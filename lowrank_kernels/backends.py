@@ -6,9 +6,10 @@ interpreter when ``TRITON_INTERPRET=1`` is set before the first import of the ke
 ``cuda`` (the C++ kernels of ``csrc/``, compiled at first use through CuPy's NVRTC).
 
 Precedence: an explicit ``backend=`` argument other than ``"auto"`` wins; otherwise the
-``LOWRANK_BACKEND`` environment variable, if set, is used; otherwise ``"auto"`` picks the fastest
-backend that can run on the tensors' device: cuda > triton > torch on a GPU, torch on the CPU
-(the Triton interpreter is a correctness tool, never a fast path).
+``LOWRANK_BACKEND`` environment variable, if set, is used; otherwise ``"auto"`` picks the first
+backend of the op's order (``AUTO_ORDER``, per op and dtype) that can run on the tensors' device,
+then torch; on the CPU it is always torch (the Triton interpreter is a correctness tool, never a
+fast path).
 """
 from __future__ import annotations
 
@@ -20,6 +21,33 @@ import torch
 
 BACKENDS = ("torch", "triton", "cuda")
 ENV_VAR = "LOWRANK_BACKEND"
+
+# "auto" on a CUDA device: the kernel backends in order of preference, per op and, where it
+# matters, per variant (a dtype, or a name the op passes). Torch always comes last. No entry has
+# been timed on a GPU yet: each says what it rests on, and the headline stage of
+# benchmarks/gpu_check.sh (sgd_step and decay_outer_ rows, spectra with batched_eigh) measures
+# both kernel backends of every op, so these are the entries to revisit from its results.
+DEFAULT_ORDER = ("cuda", "triton")
+AUTO_ORDER: dict[str, dict[object, tuple[str, ...]]] = {
+    # Memory bound on both backends (one read and one write per element), nothing in the compiled
+    # code favours either: the default order.
+    "sgd_step": {None: DEFAULT_ORDER},
+    "decay_outer": {
+        # Compile evidence, sm_90a PTX from Triton 3.6 and 3.9: the bf16 tl.dot becomes
+        # wgmma.mma_async m64n128k16 (Hopper's warpgroup tensor-core instruction), where
+        # csrc/decay_outer.cu issues mma.sync m16n8k16. (On sm_80 both use mma.sync.)
+        torch.bfloat16: ("triton", "cuda"),
+        # float32 with TF32 allowed: Triton's tl.dot becomes wgmma ...tf32 (same PTX check); the
+        # CUDA kernel stays on IEEE fp32 FMAs whatever the flag.
+        "float32-tf32": ("triton", "cuda"),
+        # IEEE float32: both on the CUDA cores (Triton's FMA dot, the CUDA kernel's 8x8 register
+        # tile); no evidence either way: the default order.
+        torch.float32: DEFAULT_ORDER,
+    },
+    # Structure, not timing: the CUDA kernel keeps A in shared memory, the Triton kernel
+    # ping-pongs A and V^T through global scratch with a block barrier per round.
+    "symmetric_eig": {None: DEFAULT_ORDER},
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -63,14 +91,48 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', {', '.join(map(repr, BACKENDS))}")
 
 
-def available_backends(device: torch.device | str) -> list[str]:
-    return [b for b in BACKENDS if why_unavailable(b, torch.device(device)) is None]
+def default_device() -> torch.device:
+    """The device kernels run on when none is named: the current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
-def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run on ``device`` (default: ``default_device()``)."""
+    device = default_device() if device is None else torch.device(device)
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+def auto_order(op: str | None = None, variant=None) -> tuple[str, ...]:
+    """The kernel backends ``"auto"`` tries on a CUDA device for ``op`` and ``variant``, in
+    order (torch comes after them). An op or variant without an entry gets ``DEFAULT_ORDER``."""
+    if op is None:
+        return DEFAULT_ORDER
+    if op not in AUTO_ORDER:
+        raise ValueError(f"unknown op {op!r} for the backend order; known: "
+                         f"{', '.join(map(repr, AUTO_ORDER))}")
+    by_variant = AUTO_ORDER[op]
+    return by_variant.get(variant, by_variant.get(None, DEFAULT_ORDER))
+
+
+def auto_candidates(device: torch.device | str, op: str | None = None, variant=None) -> list[str]:
+    """What ``"auto"`` may run on ``device``, best first, always ending with torch. An op whose
+    kernels have limits of their own (matrix sizes) takes the first one that fits."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ["torch"]
+    return [b for b in auto_order(op, variant) if why_unavailable(b, device) is None] + ["torch"]
+
+
+def resolve_backend(backend: str | None, device: torch.device | str, op: str | None = None,
+                    variant=None) -> str:
     """Turn a user's backend request into the concrete backend to run on ``device``.
 
-    Raises BackendUnavailableError naming the reason when an explicit request cannot run.
+    ``op`` (a key of ``AUTO_ORDER``: "sgd_step", "decay_outer", "symmetric_eig") and ``variant``
+    (usually the dtype) choose the order ``"auto"`` follows; without them it is
+    ``DEFAULT_ORDER``. Raises BackendUnavailableError naming the reason when an explicit request
+    cannot run.
     """
     device = torch.device(device)
     requested = backend or "auto"
@@ -80,12 +142,7 @@ def resolve_backend(backend: str | None, device: torch.device | str) -> str:
     else:
         source = f"backend={requested!r}"
     if requested == "auto":
-        if device.type != "cuda":
-            return "torch"
-        for candidate in ("cuda", "triton"):
-            if why_unavailable(candidate, device) is None:
-                return candidate
-        return "torch"
+        return auto_candidates(device, op, variant)[0]
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend from {source}; choose one of 'auto', "
                          f"{', '.join(map(repr, BACKENDS))}")

@@ -13,7 +13,9 @@ Backends (same rules as every op, see ``lowrank_kernels.backends``):
 
 * ``torch``: ``W.addmm_(D.T, F, beta=decay, alpha=alpha)`` (one BLAS/cuBLAS call).
 * ``triton`` / ``cuda``: one pass over W, each tile of W read once and written once, the product
-  accumulated on chip in fp32 (tensor cores where the dtype allows).
+  accumulated on chip in fp32 (tensor cores where the dtype allows). ``"auto"`` on a GPU tries
+  them in the order of ``backends.AUTO_ORDER["decay_outer"]``: Triton first for bfloat16 and for
+  float32 with TF32 allowed (its dot compiles to Hopper's wgmma), CUDA first for IEEE float32.
 
 Dtypes: float32 and bfloat16 (fp32 accumulation; W, D, F share one dtype). W must be
 contiguous (it is updated in place through its data pointer) and must not share memory with D or
@@ -38,6 +40,7 @@ import functools
 import importlib
 import math
 import numbers
+import warnings
 
 import torch
 from torch import Tensor
@@ -149,6 +152,17 @@ def check_inputs(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float, *,
                 raise ValueError(f"decay_outer_: {name} contains NaN or Inf")
 
 
+def _order_variant(W: Tensor):
+    """The key of this call in ``backends.AUTO_ORDER["decay_outer"]``: the dtype, and for float32
+    on CUDA whether TF32 matmuls are allowed (Triton's dot then uses tensor cores)."""
+    if W.dtype == torch.float32 and W.device.type == "cuda":
+        with warnings.catch_warnings():  # newer torch steers towards fp32_precision; same answer
+            warnings.simplefilter("ignore")
+            if torch.backends.cuda.matmul.allow_tf32:
+                return "float32-tf32"
+    return W.dtype
+
+
 def decay_outer_(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float, *,
                  backend: str | None = "auto", check_finite: bool = False) -> Tensor:
     """In place ``W <- decay * W + alpha * D^T F``; returns ``W`` (the same tensor object).
@@ -166,7 +180,7 @@ def decay_outer_(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float, *,
             decay_outer_(layer.weight, grad_output / B, input, 1 - lr * wd, -lr)
     """
     check_inputs(W, D, F, decay, alpha, check_finite=check_finite)
-    name = resolve_backend(backend, W.device)
+    name = resolve_backend(backend, W.device, op="decay_outer", variant=_order_variant(W))
     if W.numel() == 0:
         return W
     decay, alpha = float(decay), float(alpha)

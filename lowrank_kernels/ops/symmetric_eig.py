@@ -23,7 +23,8 @@ elements, n_even = n rounded up to even) and V in global memory, so n is bounded
 shared memory per block (opt-in limit: 227 KiB on an H100, n <= 238 in float32 and n <= 168 in
 float64; 163 KiB on an A100; about 99 KiB on consumer sm_86/sm_89 parts, where float64 stops at
 n = 110). With ``backend="auto"`` a size a kernel cannot take falls back to the next
-backend (eventually torch); an explicit backend raises ValueError.
+backend of ``backends.AUTO_ORDER["symmetric_eig"]`` (eventually torch); an explicit backend
+raises ValueError.
 
 Jacobi converges quadratically: with the default tolerances, random matrices need about 6 sweeps
 at n = 32 and 8-9 at n = 128. ``sweeps`` bounds the work for hard cases (e.g. clustered spectra);
@@ -37,7 +38,7 @@ import importlib
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from ..backends import auto_candidates, resolve_backend
 
 DTYPES = (torch.float32, torch.float64)
 DEFAULT_TOL = {torch.float32: 1e-7, torch.float64: 1e-14}
@@ -119,7 +120,7 @@ def max_kernel_n(backend: str, dtype: torch.dtype, device: torch.device) -> int:
 
 
 def _choose_backend(backend, a: Tensor) -> str:
-    name = resolve_backend(backend, a.device)
+    name = resolve_backend(backend, a.device, op="symmetric_eig", variant=a.dtype)
     if name == "torch":
         return name
     n = a.shape[-1]
@@ -129,14 +130,10 @@ def _choose_backend(backend, a: Tensor) -> str:
     if backend not in (None, "auto"):
         raise ValueError(f"batched_eigh: backend {name!r} takes matrices up to n = {limit} for "
                          f"{a.dtype} on this device, got n = {n}; use backend='torch'")
-    if name == "cuda":  # auto: try the next fastest
-        try:
-            fallback = resolve_backend("triton", a.device)
-        except Exception:  # noqa: BLE001 - triton unavailable: torch below
-            fallback = "torch"
-        if fallback == "triton" and n <= max_kernel_n("triton", a.dtype, a.device):
-            return "triton"
-    return "torch"
+    # "auto" (or LOWRANK_BACKEND): the next backend of the order whose kernel takes this n.
+    candidates = auto_candidates(a.device, "symmetric_eig", a.dtype)
+    following = candidates[candidates.index(name) + 1:] if name in candidates else ["torch"]
+    return next(c for c in following if n <= max_kernel_n(c, a.dtype, a.device))
 
 
 def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Tensor, Tensor]:
