@@ -227,11 +227,48 @@ def test_sparse_input():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite(backend, device, bad):
+def test_non_finite_raises_when_checked(backend, device, bad):
     a = torch.eye(4, device=device).repeat(2, 1, 1)
     a[1, 2, 1] = bad
     with pytest.raises(ValueError, match="contains NaN or Inf"):
-        batched_eigh(a, backend=backend)
+        batched_eigh(a, backend=backend, check_finite=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_unchecked_gives_nan_on_kernel_backends(backend, device, bad):
+    if backend == "torch":
+        pytest.skip("the torch backend returns what torch.linalg.eigh returns")
+    a = random_symmetric(3, 5, seed=4).to(device, torch.float32)
+    a[1, 3, 0] = bad  # lower triangle: read by the kernels
+    w, v = batched_eigh(a, backend=backend)
+    assert torch.isnan(w[1]).all() and torch.isnan(v[1]).all()
+    # The other matrices of the batch are unaffected.
+    good = a[[0, 2]]
+    check_decomposition(good.double().cpu(), w[[0, 2]], v[[0, 2]], torch.float32, backend)
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+def _forbid_host_syncs(monkeypatch):
+    """Make every Python-level read of a tensor value (bool(), item()) fail."""
+    def refuse(self, *args, **kwargs):
+        raise _HostSync("a tensor value was read on the host (device sync)")
+
+    for name in ("__bool__", "item"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_no_host_sync_by_default(backend, device, monkeypatch):
+    a = random_symmetric(2, 6, seed=5).to(device, torch.float32)
+    expected = batched_eigh(a, backend=backend)
+    _forbid_host_syncs(monkeypatch)
+    w, v = batched_eigh(a, backend=backend)
+    with pytest.raises(_HostSync):  # the probe works: the opt-in check reads a value
+        batched_eigh(a, backend=backend, check_finite=True)
+    monkeypatch.undo()
+    assert torch.equal(w, expected[0]) and torch.equal(v, expected[1])
 
 
 def test_bad_options():
