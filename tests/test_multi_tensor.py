@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from lowrank_kernels.ops import multi_tensor
 from lowrank_kernels.ops.multi_tensor import block_table, flat_compatible, is_flat, tensor_table
 
 CHUNK = 16384
@@ -159,3 +160,67 @@ def test_flat_compatible():
     assert not flat_compatible([a[:, ::2], torch.randn(4, 3)])
     assert flat_compatible([a])
     assert not flat_compatible([a[:, ::2]])
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graph capture: no table is made during a capture, and tables a capture used stay cached
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def capturing(monkeypatch):
+    """Switch the capture probe of multi_tensor on and off (a capture needs a GPU; the cache's
+    rules do not)."""
+    state = {"on": False}
+    monkeypatch.setattr(multi_tensor, "capture_underway", lambda device: state["on"])
+
+    def set_capturing(on: bool):
+        state["on"] = on
+
+    return set_capturing
+
+
+def test_table_miss_during_capture_raises(device, capturing):
+    capturing(True)
+    with pytest.raises(multi_tensor.TableMissDuringCapture, match="Run one step eagerly"):
+        tensor_table([[3001, 3002, 0, 10, 0]], device)
+    with pytest.raises(multi_tensor.TableMissDuringCapture, match="block table"):
+        block_table([3003], CHUNK, device)
+    # Nothing was made: outside the capture the tables are built as usual.
+    capturing(False)
+    assert tensor_table([[3001, 3002, 0, 10, 0]], device).cpu().tolist() == [[3001, 3002, 0, 10, 0]]
+
+
+def test_warm_up_then_capture_finds_the_tables(device, capturing):
+    rows_ = [[4001, 4002, 4003, 70000, 1]]
+    warm_tensors = tensor_table(rows_, device)
+    warm_blocks = block_table([70000], CHUNK, device)
+    capturing(True)
+    assert tensor_table(rows_, device) is warm_tensors
+    assert block_table([70000], CHUNK, device) is warm_blocks
+
+
+def test_tables_used_in_a_capture_are_never_evicted(device, capturing):
+    captured = block_table([5000001], CHUNK, device)
+    capturing(True)
+    assert block_table([5000001], CHUNK, device) is captured  # pinned from here on
+    capturing(False)
+    for i in range(3 * multi_tensor._TABLE_CACHE_SIZE):  # enough to evict any unpinned table
+        block_table([6000000 + i], CHUNK, device)
+    capturing(True)  # a replay-era capture (or the graph itself) still finds the same table
+    assert block_table([5000001], CHUNK, device) is captured
+    capturing(False)
+    # The cache stays bounded apart from the pinned tables.
+    assert len(multi_tensor._BLOCK_TABLES.tables) <= (multi_tensor._TABLE_CACHE_SIZE
+                                                      + len(multi_tensor._BLOCK_TABLES.pinned))
+
+
+def test_capture_probe_asks_torch_only_for_cuda_devices(monkeypatch):
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", probe)
+    assert multi_tensor.capture_underway(torch.device("cuda", 0)) is True
+    assert multi_tensor.capture_underway(torch.device("cpu")) is False
+    assert calls == [1]

@@ -14,7 +14,19 @@ a table in device memory has no size limit).
 Both tables are cached on the device, keyed by their content: the block table depends only on the
 element counts, and the tensor table's pointers stay the same from step to step as long as the
 caching allocator hands the gradients back at the same addresses, so a steady-state step copies
-nothing from the host. A changed pointer simply makes a new table.
+nothing from the host. A changed pointer simply makes a new table (a table is a pure function of
+its key, so an address that the allocator reuses for another tensor never makes it stale).
+
+CUDA graphs. Making a table copies it from pinned host memory; inside a graph capture that copy
+would become a node of the graph that every replay re-runs from a host buffer the allocator may
+hand to someone else, so a table is never made during a capture: a cache miss there raises
+``TableMissDuringCapture``. Before capturing a step, run one step eagerly with the very tensors the
+graph will use (PyTorch gives the same advice for its capturable optimizers): the warm-up makes
+the tables, the capture finds them. The gradients must then keep their addresses into the
+capture: zero them in place (``optimizer.zero_grad(set_to_none=False)``) rather than setting them
+to None, since a gradient that backward allocates inside the capture comes from the graph's pool
+at an address the warm-up never saw. A table found during a capture is pinned: the LRU never
+evicts it, as the graph reads it on every replay.
 """
 from __future__ import annotations
 
@@ -26,26 +38,57 @@ import torch
 _TABLE_CACHE_SIZE = 64
 
 
+class TableMissDuringCapture(RuntimeError):
+    """A launch table was needed for the first time while a CUDA graph was being captured."""
+
+
+def capture_underway(device: torch.device) -> bool:
+    """True when the current stream of ``device`` is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class _DeviceTableCache:
-    """Least-recently-used map from a table's content (a hashable key) to its device copy."""
+    """Least-recently-used map from a table's content (a hashable key) to its device copy.
 
-    def __init__(self, size: int):
+    Entries used during a CUDA graph capture are pinned (never evicted) and never created."""
+
+    def __init__(self, size: int, kind: str):
         self.size = size
+        self.kind = kind
         self.tables: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self.pinned: set[tuple] = set()
 
-    def get_or_make(self, key: tuple, make) -> torch.Tensor:
+    def get_or_make(self, key: tuple, device: torch.device, make) -> torch.Tensor:
+        capturing = capture_underway(device)
         table = self.tables.get(key)
         if table is not None:
             self.tables.move_to_end(key)
+            if capturing:
+                self.pinned.add(key)
             return table
+        if capturing:
+            raise TableMissDuringCapture(
+                f"the {self.kind} table of this launch is not on {device} yet, and making it "
+                "during CUDA graph capture would record a copy from host memory that replays "
+                "read again after it was reused. Run one step eagerly before capturing, with the "
+                "tensors the graph will use, and keep the gradients' addresses into the capture "
+                "(zero_grad(set_to_none=False)); see lowrank_kernels/ops/multi_tensor.py")
         table = self.tables[key] = make()
-        if len(self.tables) > self.size:
-            self.tables.popitem(last=False)
+        self._evict(keep=key)
         return table
 
+    def _evict(self, keep: tuple) -> None:
+        # The least recently used entries go first; pinned ones (a captured graph reads them)
+        # stay, so the cache can grow past its size by at most the number of pinned tables.
+        for old in list(self.tables):
+            if len(self.tables) <= self.size:
+                return
+            if old not in self.pinned and old != keep:
+                del self.tables[old]
 
-_BLOCK_TABLES = _DeviceTableCache(_TABLE_CACHE_SIZE)
-_TENSOR_TABLES = _DeviceTableCache(_TABLE_CACHE_SIZE)
+
+_BLOCK_TABLES = _DeviceTableCache(_TABLE_CACHE_SIZE, "block")
+_TENSOR_TABLES = _DeviceTableCache(_TABLE_CACHE_SIZE, "tensor")
 
 
 def is_flat(t: torch.Tensor) -> bool:
@@ -80,14 +123,14 @@ def block_table(numels: list[int], chunk: int, device: torch.device) -> torch.Te
         start = (np.arange(int(chunks.sum()), dtype=np.int64) - first_chunk_of_tensor) * chunk
         return to_device(torch.from_numpy(np.stack([tensor_index, start], axis=1).copy()), device)
 
-    return _BLOCK_TABLES.get_or_make((tuple(numels), chunk, device), make)
+    return _BLOCK_TABLES.get_or_make((tuple(numels), chunk, device), device, make)
 
 
 def tensor_table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """(n_tensors, n_columns) int64 table of pointers, counts and flags, on ``device``."""
     key = (device, len(rows[0]) if rows else 0, tuple(value for row in rows for value in row))
     return _TENSOR_TABLES.get_or_make(
-        key, lambda: to_device(torch.tensor(rows, dtype=torch.int64), device))
+        key, device, lambda: to_device(torch.tensor(rows, dtype=torch.int64), device))
 
 
 def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
