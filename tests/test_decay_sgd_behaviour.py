@@ -851,3 +851,72 @@ def test_load_state_dict_keeps_this_optimizers_backend():
     opt = DecaySGD([torch.nn.Parameter(torch.ones(3))], lr=0.5, backend="torch")
     opt.load_state_dict(saved)
     assert opt.param_groups[0]["backend"] == "torch" and opt.param_groups[0]["lr"] == 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Host syncs and CUDA graph capture of the dense step (kernel backends: the torch reference reads
+# found_inf and a tensor lr on the host by design)
+# ----------------------------------------------------------------------------------------------
+KERNEL_BACKENDS = [b for b in available_backends(torch.device("cpu")) if b != "torch"]
+needs_kernel_backend = pytest.mark.skipif(not KERNEL_BACKENDS,
+                                          reason="no kernel backend runs on the CPU here")
+
+
+class HostRead(AssertionError):
+    pass
+
+
+def forbid_host_reads(monkeypatch):
+    """Make every Python-level read of a tensor's value (item(), bool(), float()) fail: each is
+    a device-to-host sync on a GPU."""
+    def refuse(self, *args, **kwargs):
+        raise HostRead("a tensor value was read on the host during step()")
+
+    for name in ("item", "__bool__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@needs_kernel_backend
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dense_step_with_tensor_lr_and_scaler_reads_no_tensor_value(backend, monkeypatch):
+    params = make_params("cpu")
+    reference = clone_params(params)
+    opt = DecaySGD(params, lr=torch.tensor(0.05), momentum=0.9, weight_decay=1e-2,
+                   backend=backend)
+    ref = torch.optim.SGD(reference, lr=0.05, momentum=0.9, weight_decay=1e-2)
+    for step in range(2):
+        set_grads(params, step)
+        set_grads(reference, step)
+        opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(0.0)  # GradScaler's
+        with monkeypatch.context() as m:
+            forbid_host_reads(m)
+            opt.step()
+        ref.step()
+    assert_params_close(params, reference)
+    # The probe is live: the torch reference backend reads the tensor lr on the host.
+    opt.param_groups[0]["backend"] = "torch"
+    with monkeypatch.context() as m:
+        forbid_host_reads(m)
+        with pytest.raises(HostRead):
+            opt.step()
+
+
+@needs_kernel_backend
+def test_dense_step_under_graph_capture_needs_a_warm_up(monkeypatch):
+    from lowrank_kernels.ops import multi_tensor
+
+    backend = KERNEL_BACKENDS[0]
+    capturing = {"on": False}
+    monkeypatch.setattr(multi_tensor, "capture_underway", lambda device: capturing["on"])
+    params = make_params("cpu", shapes=((7, 3), (11,)))
+    opt = DecaySGD(params, lr=0.1, momentum=0.9, backend=backend)
+    set_grads(params, 0)
+    capturing["on"] = True
+    with pytest.raises(multi_tensor.TableMissDuringCapture, match="Run one step eagerly"):
+        opt.step()  # no warm-up: these tensors' tables do not exist yet
+    capturing["on"] = False
+    opt.step()  # the warm-up (its first step initialises the momentum buffers)
+    capturing["on"] = True
+    before = [p.detach().clone() for p in params]
+    opt.step()  # same params, grads (kept in place) and buffers: every table is found
+    assert not any(torch.equal(a, b.detach()) for a, b in zip(before, params))
