@@ -317,3 +317,14 @@ def test_gpu_size_limits():
     a = random_symmetric(1, 300, seed=11).cuda()
     w, v = batched_eigh(a)  # auto: falls back to a backend that takes it
     check_decomposition(a.cpu(), w, v, torch.float64, "auto n=300")
+
+
+def test_launch_makes_the_matrices_device_current(monkeypatch):
+    # Triton launches on the current device: matrices on another GPU need it switched.
+    from lowrank_kernels.ops.symmetric_eig import device_guard
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(device_guard(torch.device("cuda", 0)), torch.cuda.device)
+    assert not isinstance(device_guard(torch.device("cpu")), torch.cuda.device)

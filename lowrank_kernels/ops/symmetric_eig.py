@@ -39,6 +39,7 @@ no backward (their outputs do not require grad); use backend="torch" to differen
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -144,6 +145,15 @@ def _choose_backend(backend, a: Tensor) -> str:
     return next(c for c in following if n <= max_kernel_n(c, a.dtype, a.device))
 
 
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch when it is not: Triton launches on the current device
+    (matrices on another GPU would be read through the wrong context)."""
+    if device.type == "cuda" and device.index is not None \
+            and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device.index)
+    return contextlib.nullcontext()
+
+
 def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Tensor, Tensor]:
     kernels = importlib.import_module(_KERNEL_MODULES[name], __package__)
     a = a.detach()  # the kernels have no backward
@@ -155,7 +165,8 @@ def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Ten
     limit = 126 if a.dtype == torch.float32 else 1022
     exponent = exponent.clamp(-limit, limit).to(a.dtype)
     scaled = (a * torch.pow(2.0, -exponent)[:, None, None]).contiguous()
-    w, vt = kernels.launch_symmetric_eig(scaled, max_sweeps, tol)
+    with device_guard(a.device):
+        w, vt = kernels.launch_symmetric_eig(scaled, max_sweeps, tol)
     w = w * torch.pow(2.0, exponent)[:, None]
     # NaN propagates through amax (and Inf stays Inf): such a matrix gets NaN results, decided
     # on the device without a host sync.
