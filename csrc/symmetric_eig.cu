@@ -12,11 +12,14 @@
 // with it has a_pq = 0 and is the identity: the padding never mixes with the n x n block.
 //
 // Memory: A (N x N, exactly symmetric, in T) lives in dynamic shared memory with the round's
-// rotations; V^T lives in global memory (the output vt itself), where each thread only touches the
-// two entries of its own (pair, column) task in a round. Shared bytes (see the launcher):
-//     N*N*sizeof(T) + (3*K + 32)*sizeof(T) + 2*K*sizeof(int)
-// 67 KiB for float, n = 128; 133 KiB for double, n = 128: above 48 KiB the launcher raises the
-// kernel's max_dynamic_shared_size_bytes.
+// rotations, its rows padded to N + 1 entries (no bank conflicts down a column); V^T lives in
+// global memory (the output vt itself), where each thread only touches the two entries of its own
+// (pair, column) task in a round. Shared bytes (see the launcher):
+//     N*(N+1)*sizeof(T) + (3*K + 32)*sizeof(T) + 2*K*sizeof(int)
+// 65.9 KiB for float, n = 128; 131.3 KiB for double, n = 128: above 48 KiB the launch raises the
+// kernel's max_dynamic_shared_size_bytes. Indices within a matrix are int (n <= 256 fits any
+// shared memory); the matrix offset, matrix * n * n, is 64-bit, so batches beyond 2^31 elements
+// are addressed correctly.
 //
 // A round is two phases separated by __syncthreads:
 //   1. threads k < K: pair (p, q) of the round, rotation (c, s) from a_pp, a_qq, a_pq (computed in
@@ -75,6 +78,11 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
     const int N = n + (n & 1);
     const int K = N / 2;
     const int m = N - 1;
+    // Row stride of A in shared memory. Phase 2a writes the mirror blocks down columns; with a
+    // stride of N, a multiple of 32 for the common Gram sizes (64, 128, ...), every lane of a warp
+    // would hit the same bank. N is even, so N + 1 is odd: consecutive rows fall in distinct banks
+    // (4-byte words for float; for double an odd stride of 8-byte words is conflict-free too).
+    const int LD = N + 1;
     const int tid = threadIdx.x;
     const int threads = blockDim.x;
 
@@ -83,8 +91,8 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
     w += matrix * n;
     vt += matrix * n * n;
 
-    T* A = reinterpret_cast<T*>(eig_smem);  // N x N, row stride N
-    T* rot_c = A + N * N;                   // K: the round's cosines
+    T* A = reinterpret_cast<T*>(eig_smem);  // N x N, row stride LD
+    T* rot_c = A + N * LD;                  // K: the round's cosines
     T* rot_s = rot_c + K;                   // K: sines
     T* rot_d = rot_s + K;                   // K: t * a_pq, the diagonal shift
     T* red = rot_d + K;                     // 32: block reductions
@@ -99,7 +107,7 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
         const int j = idx - i * N;
         T x = T(0);
         if (i < n && j < n) x = i >= j ? a[i * n + j] : a[j * n + i];
-        A[idx] = x;
+        A[i * LD + j] = x;
         fro_part += x * x;
         if (i != j) off_part += x * x;
     }
@@ -120,9 +128,9 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
             for (int k = tid; k < K; k += threads) {
                 int p, q;
                 round_pair(k, r, m, p, q);
-                const double app = A[p * N + p];
-                const double aqq = A[q * N + q];
-                const double apq = A[p * N + q];
+                const double app = A[p * LD + p];
+                const double aqq = A[q * LD + q];
+                const double apq = A[p * LD + q];
                 double t = 0.0;
                 if (fabs(apq) > 1e-150) {
                     const double tau = (aqq - app) / (2.0 * apq);
@@ -146,19 +154,19 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
                 const int pk = pair_p[k], qk = pair_q[k];
                 if (k == l) {
                     const T d = rot_d[k];
-                    A[pk * N + pk] -= d;
-                    A[qk * N + qk] += d;
-                    A[pk * N + qk] = T(0);
-                    A[qk * N + pk] = T(0);
+                    A[pk * LD + pk] -= d;
+                    A[qk * LD + qk] += d;
+                    A[pk * LD + qk] = T(0);
+                    A[qk * LD + pk] = T(0);
                     continue;
                 }
                 const int pl = pair_p[l], ql = pair_q[l];
                 const T ck = rot_c[k], sk = rot_s[k];
                 const T cl = rot_c[l], sl = rot_s[l];
-                const T x = A[pk * N + pl];
-                const T y = A[pk * N + ql];
-                const T z = A[qk * N + pl];
-                const T u = A[qk * N + ql];
+                const T x = A[pk * LD + pl];
+                const T y = A[pk * LD + ql];
+                const T z = A[qk * LD + pl];
+                const T u = A[qk * LD + ql];
                 // columns: col p <- c col p - s col q, col q <- s col p + c col q
                 const T x1 = cl * x - sl * y;
                 const T y1 = sl * x + cl * y;
@@ -169,14 +177,14 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
                 const T z2 = sk * x1 + ck * z1;
                 const T y2 = ck * y1 - sk * u1;
                 const T u2 = sk * y1 + ck * u1;
-                A[pk * N + pl] = x2;
-                A[pk * N + ql] = y2;
-                A[qk * N + pl] = z2;
-                A[qk * N + ql] = u2;
-                A[pl * N + pk] = x2;
-                A[ql * N + pk] = y2;
-                A[pl * N + qk] = z2;
-                A[ql * N + qk] = u2;
+                A[pk * LD + pl] = x2;
+                A[pk * LD + ql] = y2;
+                A[qk * LD + pl] = z2;
+                A[qk * LD + ql] = u2;
+                A[pl * LD + pk] = x2;
+                A[ql * LD + pk] = y2;
+                A[pl * LD + qk] = z2;
+                A[ql * LD + qk] = u2;
             }
             // Phase 2b: V <- V J on the rows of V^T (global memory), one (pair, column) per task.
             for (int task = tid; task < K * n; task += threads) {
@@ -195,12 +203,13 @@ __device__ __forceinline__ void symmetric_eig(const T* __restrict__ a, T* __rest
         T part = T(0);
         for (int idx = tid; idx < N * N; idx += threads) {
             const int i = idx / N;
-            if (idx != i * N + i) part += A[idx] * A[idx];
+            const int j = idx - i * N;
+            if (i != j) part += A[i * LD + j] * A[i * LD + j];
         }
         off = block_sum(part, red);
     }
 
-    for (int i = tid; i < n; i += threads) w[i] = A[i * N + i];
+    for (int i = tid; i < n; i += threads) w[i] = A[i * LD + i];
 }
 
 #define DEFINE_SYMMETRIC_EIG(SUFFIX, T)                                                         \

@@ -1,11 +1,11 @@
 """Launcher of csrc/symmetric_eig.cu (semantics: lowrank_kernels/ops/symmetric_eig.py).
 
-One thread block per matrix. A (n_even x n_even, n_even = n rounded up to even) and the round's
-rotations live in dynamic shared memory; V^T is accumulated in place in the output tensor, in
-global memory. Above 48 KiB of shared memory (n_even > 108 in float32, > 76 in float64) the launch
-raises the kernel's max_dynamic_shared_size_bytes (compile.launch does it); the largest n is set
-by the device's opt-in limit per block (227 KiB on an H100: n <= 238 in float32, n <= 168 in
-float64).
+One thread block per matrix. A (n_even x n_even, n_even = n rounded up to even, rows padded to
+n_even + 1 entries against shared-memory bank conflicts) and the round's rotations live in
+dynamic shared memory; V^T is accumulated in place in the output tensor, in global memory. Above
+48 KiB of shared memory (n_even > 108 in float32, > 76 in float64) the launch raises the kernel's
+max_dynamic_shared_size_bytes (compile.launch does it); the largest n is set by the device's
+opt-in limit per block (227 KiB on an H100: n <= 238 in float32, n <= 168 in float64).
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .compile import launch, pointer
+from . import compile as cuda_compile
+from .compile import pointer
 
+SOURCE = "symmetric_eig.cu"
 MAX_THREADS = 512  # the kernel's __launch_bounds__
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -23,29 +25,19 @@ _NP_SCALAR = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def shared_bytes(n: int, dtype: torch.dtype) -> int:
-    """Dynamic shared memory of one block, as laid out in csrc/symmetric_eig.cu."""
+    """Dynamic shared memory of one block, as laid out in csrc/symmetric_eig.cu: A with rows
+    padded to n_even + 1 entries, the round's rotations and pairs, 32 reduction slots."""
     n_even = n + (n & 1)
     k = n_even // 2
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return (n_even * n_even + 3 * k + 32) * itemsize + 2 * k * 4
-
-
-@lru_cache(maxsize=None)
-def _shared_limit(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    limit = getattr(props, "shared_memory_per_block_optin", 0)
-    if not limit:
-        import cupy
-
-        limit = cupy.cuda.Device(device_index).attributes.get("MaxSharedMemoryPerBlockOptin", 0)
-    return int(limit) or 48 * 1024
+    return (n_even * (n_even + 1) + 3 * k + 32) * itemsize + 2 * k * 4
 
 
 def max_n(dtype: torch.dtype, device: torch.device) -> int:
     """Largest n whose matrix fits in the shared memory of one block on ``device``."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _max_n(dtype, _shared_limit(index))
+    return _max_n(dtype, cuda_compile.shared_memory_optin(index))
 
 
 @lru_cache(maxsize=None)
@@ -62,6 +54,14 @@ def threads_for(n: int) -> int:
     return min(MAX_THREADS, max(32, (k * k + 31) // 32 * 32))
 
 
+def launch_geometry(b: int, n: int, dtype: torch.dtype) -> tuple[tuple[int], tuple[int], int]:
+    """(grid, block, dynamic shared bytes): one block per matrix of the batch."""
+    if not 1 <= b <= cuda_compile.MAX_GRID[0]:
+        raise ValueError(f"symmetric_eig: a batch of {b} matrices; one launch takes 1 to "
+                         f"{cuda_compile.MAX_GRID[0]} (one thread block each)")
+    return (b,), (threads_for(n),), shared_bytes(n, dtype)
+
+
 def launch_symmetric_eig(a: torch.Tensor, max_sweeps: int, tol: float):
     """Eigen-decompose each matrix of ``a`` (b, n, n), contiguous, float32/float64, on CUDA.
 
@@ -70,9 +70,11 @@ def launch_symmetric_eig(a: torch.Tensor, max_sweeps: int, tol: float):
     b, n, _ = a.shape
     w = torch.empty((b, n), dtype=a.dtype, device=a.device)
     vt = torch.empty((b, n, n), dtype=a.dtype, device=a.device)
-    shared = shared_bytes(n, a.dtype)
+    if b == 0 or n == 0:
+        return w, vt
+    grid, block, shared = launch_geometry(b, n, a.dtype)
     args = (pointer(a), pointer(w), pointer(vt), np.int32(n), np.int32(max_sweeps),
             _NP_SCALAR[a.dtype](tol))
-    launch("symmetric_eig.cu", f"symmetric_eig_{_SUFFIX[a.dtype]}", (b,), (threads_for(n),), args,
-           a.device, shared_mem=shared)
+    cuda_compile.launch(SOURCE, f"symmetric_eig_{_SUFFIX[a.dtype]}", grid, block, args,
+                        a.device, shared_mem=shared)
     return w, vt
