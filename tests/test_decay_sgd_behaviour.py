@@ -902,21 +902,34 @@ def test_dense_step_with_tensor_lr_and_scaler_reads_no_tensor_value(backend, mon
 
 
 @needs_kernel_backend
-def test_dense_step_under_graph_capture_needs_a_warm_up(monkeypatch):
+def test_dense_step_under_graph_capture_needs_warm_up_steps(monkeypatch):
     from lowrank_kernels.ops import multi_tensor
 
     backend = KERNEL_BACKENDS[0]
     capturing = {"on": False}
     monkeypatch.setattr(multi_tensor, "capture_underway", lambda device: capturing["on"])
-    params = make_params("cpu", shapes=((7, 3), (11,)))
-    opt = DecaySGD(params, lr=0.1, momentum=0.9, backend=backend)
-    set_grads(params, 0)
+
+    def fresh():
+        capturing["on"] = False
+        params = make_params("cpu", shapes=((7, 3), (11,)))
+        set_grads(params, 0)  # the gradients keep their addresses from here on
+        return params, DecaySGD(params, lr=0.1, momentum=0.9, backend=backend)
+
+    params, opt = fresh()
     capturing["on"] = True
-    with pytest.raises(multi_tensor.TableMissDuringCapture, match="Run one step eagerly"):
+    with pytest.raises(multi_tensor.TableMissDuringCapture, match="Run warm-up steps eagerly"):
         opt.step()  # no warm-up: these tensors' tables do not exist yet
-    capturing["on"] = False
-    opt.step()  # the warm-up (its first step initialises the momentum buffers)
+
+    params, opt = fresh()
+    opt.step()  # one warm-up step: the momentum buffers' first step, a table of its own
+    capturing["on"] = True
+    with pytest.raises(multi_tensor.TableMissDuringCapture, match="two with momentum"):
+        opt.step()
+
+    params, opt = fresh()
+    opt.step()
+    opt.step()  # the second warm-up step has the steady-state tables
     capturing["on"] = True
     before = [p.detach().clone() for p in params]
-    opt.step()  # same params, grads (kept in place) and buffers: every table is found
+    opt.step()  # same params, grads and buffers: every table is found
     assert not any(torch.equal(a, b.detach()) for a, b in zip(before, params))

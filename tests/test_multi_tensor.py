@@ -180,7 +180,7 @@ def capturing(monkeypatch):
 
 def test_table_miss_during_capture_raises(device, capturing):
     capturing(True)
-    with pytest.raises(multi_tensor.TableMissDuringCapture, match="Run one step eagerly"):
+    with pytest.raises(multi_tensor.TableMissDuringCapture, match="Run warm-up steps eagerly"):
         tensor_table([[3001, 3002, 0, 10, 0]], device)
     with pytest.raises(multi_tensor.TableMissDuringCapture, match="block table"):
         block_table([3003], CHUNK, device)

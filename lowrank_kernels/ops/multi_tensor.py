@@ -20,13 +20,19 @@ its key, so an address that the allocator reuses for another tensor never makes 
 CUDA graphs. Making a table copies it from pinned host memory; inside a graph capture that copy
 would become a node of the graph that every replay re-runs from a host buffer the allocator may
 hand to someone else, so a table is never made during a capture: a cache miss there raises
-``TableMissDuringCapture``. Before capturing a step, run one step eagerly with the very tensors the
-graph will use (PyTorch gives the same advice for its capturable optimizers): the warm-up makes
-the tables, the capture finds them. The gradients must then keep their addresses into the
+``TableMissDuringCapture``. Before capturing a step, run warm-up steps eagerly with the very
+tensors the graph will use (PyTorch gives the same advice for its capturable optimizers): the
+warm-up makes the tables, the capture finds them. With momentum that means two steps, since a
+buffer's first step (initialised from the gradient) is a flag in the tensor table, so the first
+step's table is not the steady-state one. The gradients must keep their addresses into the
 capture: zero them in place (``optimizer.zero_grad(set_to_none=False)``) rather than setting them
 to None, since a gradient that backward allocates inside the capture comes from the graph's pool
 at an address the warm-up never saw. A table found during a capture is pinned: the LRU never
 evicts it, as the graph reads it on every replay.
+
+Streams: a table is copied on the current stream of its first use. A later step on another
+stream must be ordered after that stream anyway (it reads the parameters the first one wrote), and
+that ordering covers the copy.
 """
 from __future__ import annotations
 
@@ -70,8 +76,9 @@ class _DeviceTableCache:
             raise TableMissDuringCapture(
                 f"the {self.kind} table of this launch is not on {device} yet, and making it "
                 "during CUDA graph capture would record a copy from host memory that replays "
-                "read again after it was reused. Run one step eagerly before capturing, with the "
-                "tensors the graph will use, and keep the gradients' addresses into the capture "
+                "read again after it was reused. Run warm-up steps eagerly before capturing (two "
+                "with momentum: a buffer's first step has a table of its own), with the tensors "
+                "the graph will use, and keep the gradients' addresses into the capture "
                 "(zero_grad(set_to_none=False)); see lowrank_kernels/ops/multi_tensor.py")
         table = self.tables[key] = make()
         self._evict(keep=key)
