@@ -245,13 +245,22 @@ __device__ __forceinline__ u32x4 load8_bf16(const bf16_t* __restrict__ src, long
     return v;
 }
 
+// A 16-byte global store written out in PTX: as a plain C++ store of the 16-byte struct the
+// compiler split it into four 32-bit st.global (NVRTC 13.5, sm_80 and sm_90a).
+__device__ __forceinline__ void store_global16(void* p, const u32x4& v) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+                 :
+                 : "l"(__cvta_generic_to_global(p)), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
 __device__ __forceinline__ void store8_bf16(bf16_t* __restrict__ dst, long long rows,
                                             long long cols, long long row, long long col,
                                             u32x4 v, bool vectorized) {
     if (row >= rows) return;
     bf16_t* p = dst + row * cols + col;
     if (vectorized) {
-        if (col < cols) *reinterpret_cast<u32x4*>(p) = v;
+        if (col < cols) store_global16(p, v);
     } else {
         const unsigned int words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
