@@ -1,7 +1,8 @@
 // Storage types and fp32 conversions for the kernels in csrc/.
 //
-// No CUDA or torch headers: the kernels compile under NVRTC (through CuPy) and plain nvcc alike,
-// on any architecture. bf16 and fp16 are carried as 16-bit patterns and converted by hand
+// No CUDA or torch headers: the kernels compile under NVRTC (kernels/cuda/compile.py, which
+// inlines this file into each kernel's source) and plain nvcc alike, on any architecture.
+// bf16 and fp16 are carried as 16-bit patterns and converted by hand
 // (bf16: round to nearest even, NaN kept quiet) or with the PTX cvt instruction (fp16).
 #pragma once
 

@@ -29,7 +29,7 @@
 //      a_pq = 0). Blocks are disjoint, so no two threads touch the same entry and A stays exactly
 //      symmetric. V <- V J: task (l, i) rotates V^T rows p_l, q_l at column i.
 // Sweeps stop when off(A) <= tol * ||A||_F (checked before each sweep) or after max_sweeps.
-// No CUDA or torch headers: compiles under NVRTC (CuPy) and nvcc alike.
+// No CUDA or torch headers: compiles under NVRTC (kernels/cuda/compile.py) and nvcc alike.
 
 #define EIG_MAX_THREADS 512
 

@@ -26,6 +26,7 @@ nor NVRTC. (Not run on a GPU in this repository's CI: the launch path is tested 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -260,11 +261,11 @@ def check_launch_geometry(kernel: str, grid: tuple, block: tuple) -> None:
         if not 1 <= len(dims) <= 3:
             raise ValueError(f"{kernel}: {what} must have 1 to 3 dimensions, got {dims}")
         for axis, (size, limit) in enumerate(zip(dims, limits)):
-            if not 1 <= int(size) <= limit:
+            if not 1 <= size <= limit:
                 raise ValueError(f"{kernel}: {what} dimension {'xyz'[axis]} = {size} is outside "
                                  f"[1, {limit}]")
-    if int(np.prod(block)) > MAX_THREADS_PER_BLOCK:
-        raise ValueError(f"{kernel}: {int(np.prod(block))} threads per block, more than "
+    if math.prod(block) > MAX_THREADS_PER_BLOCK:
+        raise ValueError(f"{kernel}: {math.prod(block)} threads per block, more than "
                          f"{MAX_THREADS_PER_BLOCK}")
 
 
