@@ -1,6 +1,7 @@
 """Side-by-side benchmark report: every contender timed in one process, one markdown table per op.
 
     python benchmarks/report.py [--out DIR] [--quick] [--device cpu|cuda] [--sections NAME ...]
+                                [--headline | --rest] [--timer events|do_bench]
 
 Prints the report and writes it as markdown + JSON into ``benchmarks/results/`` (or ``--out``),
 named ``report_<device kind>_<UTC date-time>``. The header records the environment and the
@@ -8,6 +9,12 @@ device's measured copy bandwidth, against which memory-bound ops are judged.
 
 The sections live one per op in ``section_<op>.py`` (framework: ``report_core.py``); every
 section runs, in ``SECTION_MODULES`` order, unless ``--sections`` picks some.
+
+``--headline`` keeps only the headline rows (each ``*_cases.py`` names its own: the step vs
+``torch.optim.SGD(fused=True)``, decay_outer_ vs ``addmm_``, the ResNet-18 spectra vs the svdvals
+loop and ``svd_lowrank``, the training step with and without tracking); ``--rest`` runs every
+other row. ``--timer do_bench`` times the rows a section times through ``Context.time`` with
+``triton.testing.do_bench`` (L2 flushed before each call) on a GPU.
 """
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ import argparse
 import importlib
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,10 +40,52 @@ for _module in SECTION_MODULES:
     importlib.import_module(_module)
 
 
+ROW_SELECTIONS = ("all", "headline", "rest")
+TIMERS = ("events", "do_bench")
+# triton.testing.do_bench's budgets in ms (warm-up, timed calls), by --quick.
+DO_BENCH_MS = {True: (25, 100), False: (50, 400)}
+
+
+@dataclass
+class ReportContext(Context):
+    """The report's context: the row selection and the timer on top of the sections' Context."""
+    rows: str = "all"                 # one of ROW_SELECTIONS
+    timer: str = "events"             # one of TIMERS
+
+    def wants(self, headline: bool) -> bool:
+        """Whether a row (a headline row or not) belongs to this run's selection."""
+        return self.rows == "all" or (self.rows == "headline") == headline
+
+    def time(self, fn: Callable[[], Any]) -> dict[str, Any]:
+        if self.timer != "do_bench" or self.device.type != "cuda":
+            return super().time(fn)
+        from triton.testing import do_bench  # a GPU timer: flushes the L2 before every call
+
+        warmup_ms, rep_ms = DO_BENCH_MS[self.quick]
+        samples = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        stats = runner.summarize_ms(samples)
+        stats.update(samples_ms=list(samples), timer="do_bench")
+        return stats
+
+
+def timing_markdown(ctx: ReportContext) -> str:
+    if ctx.timer == "do_bench" and ctx.device.type == "cuda":
+        warmup_ms, rep_ms = DO_BENCH_MS[ctx.quick]
+        return (f"**Timing**: rows timed per call use `triton.testing.do_bench` ({warmup_ms} ms of "
+                f"warm-up, then {rep_ms} ms of calls, each after a 256 MB write that flushes the "
+                "L2; CUDA events around each call), whatever call counts a section's notes "
+                f"state; rows with their own budgets (spectra, training) use {ctx.warmup} "
+                f"warm-up + {ctx.repeat} timed calls with CUDA events.")
+    return (f"**Timing**: {ctx.warmup} warm-up + {ctx.repeat} timed calls per row"
+            + (" (--quick)" if ctx.quick else "") + "; "
+            + ("CUDA events around each call, one synchronize at the end."
+               if ctx.device.type == "cuda" else "time.perf_counter around each call."))
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def header_markdown(ctx: Context) -> str:
+def header_markdown(ctx: ReportContext) -> str:
     c = ctx.copy
     load, cpus = ctx.env.get("load_avg_1m"), ctx.env.get("cpu_count") or 1
     busy = ([f"**Warning**: 1-minute load average {load} on {cpus} CPUs when the run started: "
@@ -51,10 +101,10 @@ def header_markdown(ctx: Context) -> str:
         f"(`dst.copy_(src)` of {c['nbytes'] / runner.MiB:.0f} MiB, read + write bytes over the "
         f"median of {c['repeat']} copies, {c['median_ms']:.3f} ms).",
         "",
-        f"**Timing**: {ctx.warmup} warm-up + {ctx.repeat} timed calls per row"
-        + (" (--quick)" if ctx.quick else "") + "; "
-        + ("CUDA events around each call, one synchronize at the end." if ctx.device.type == "cuda"
-           else "time.perf_counter around each call."),
+        timing_markdown(ctx),
+        *([] if ctx.rows == "all" else
+          ["", f"**Rows**: {ctx.rows} only (--{ctx.rows}); the other rows are in the "
+           + ("--rest" if ctx.rows == "headline" else "--headline") + " run."]),
     ])
 
 
@@ -68,6 +118,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="torch device (default: cuda when available, else cpu)")
     ap.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None,
                     help="run only these sections (default: all)")
+    rows = ap.add_mutually_exclusive_group()
+    rows.add_argument("--headline", dest="rows", action="store_const", const="headline",
+                      help="only the headline rows of each section (sections without any: skipped)")
+    rows.add_argument("--rest", dest="rows", action="store_const", const="rest",
+                      help="every row that --headline leaves out")
+    ap.set_defaults(rows="all")
+    ap.add_argument("--timer", choices=TIMERS, default="events",
+                    help="per-call rows on a GPU: CUDA events (default) or triton.testing.do_bench")
     ap.add_argument("--no-write", action="store_true", help="print only, write no files")
     return ap.parse_args(argv)
 
@@ -84,12 +142,18 @@ def main(argv=None) -> int:
     env = runner.environment(device)
     copy = runner.measure_copy_bandwidth(device, warmup=2 if args.quick else 3,
                                          repeat=5 if args.quick else 10)
-    ctx = Context(device=device, quick=args.quick, warmup=warmup, repeat=repeat, copy=copy, env=env)
+    if args.timer == "do_bench" and device.type == "cuda":
+        import triton.testing  # noqa: F401 - fail now, not after the first sections
+    ctx = ReportContext(device=device, quick=args.quick, warmup=warmup, repeat=repeat, copy=copy,
+                        env=env, rows=args.rows, timer=args.timer)
     print(header_markdown(ctx), flush=True)
 
     sections = []
     for name in args.sections or list(SECTIONS):
         section = SECTIONS[name](ctx)
+        if not section.rows and ctx.rows != "all":  # every row of it is on the other side
+            print(f"\n_Section {name}: no {ctx.rows} rows._", flush=True)
+            continue
         sections.append(section)
         print("\n" + section.markdown(), flush=True)
     elapsed = time.perf_counter() - t0
@@ -101,7 +165,9 @@ def main(argv=None) -> int:
         payload = {
             "environment": env,
             "copy_bandwidth": copy,
-            "timing": {"warmup": warmup, "repeat": repeat, "quick": args.quick},
+            "timing": {"warmup": warmup, "repeat": repeat, "quick": args.quick,
+                       "timer": args.timer},
+            "rows": args.rows,
             "elapsed_s": elapsed,
             "sections": [asdict(s) for s in sections],
         }

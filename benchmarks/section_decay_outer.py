@@ -62,10 +62,16 @@ def decay_outer_section(ctx: Context) -> Section:
     matmul: dict[str, dict[str, Any]] = {}
     copies: dict[str, int] = {}
     for dtype in cases.DTYPES:
+        wanted = {k: [c for c in cases.ALL_CONTENDERS
+                      if ctx.wants(headline=cases.is_headline(c, dtype, k))] for k in cases.KS}
+        if not any(wanted.values()):
+            continue
         name = cases.dtype_name(dtype)
         matmul[name] = _matmul_throughput(ctx, dtype)
         dtype_skip = matmul[name].get("skipped")
         for k in cases.KS:
+            if not wanted[k]:
+                continue
             problem = None if dtype_skip else cases.make_problem(size, size, k, dtype, ctx.device)
             if problem is not None:
                 copies[name] = cases.weight_copies(problem)
@@ -75,7 +81,7 @@ def decay_outer_section(ctx: Context) -> Section:
             if not dtype_skip:
                 roof_s = max(roof_s, work / matmul[name]["flop_per_s"])
             group = []
-            for c in cases.ALL_CONTENDERS:
+            for c in wanted[k]:
                 row: dict[str, Any] = {"dtype": name, "k": k, "m": size, "n": size,
                                        "contender": c.label, "key": c.key, "bytes": moved,
                                        "flops": work,

@@ -22,6 +22,9 @@ COLUMNS: list[runner.Column] = [
 
 @register_section("factored_step")
 def factored_step_section(ctx: Context) -> Section:
+    title = "Training step: DecaySGD factored vs dense vs torch SGD fused"
+    if not ctx.wants(headline=False):  # none of its rows is a headline row
+        return Section("factored_step", title, COLUMNS, [])
     width = cases.width_for(ctx.device)
     model_name = f"MLP {cases.DEPTH} x Linear({width}, {width}), batch {cases.BATCH}"
     rows: list[dict[str, Any]] = []
@@ -57,5 +60,4 @@ def factored_step_section(ctx: Context) -> Section:
     if ctx.device.type != "cuda":
         notes.append(f"CPU: width {width} instead of 4096 to keep the run short; the factored "
                      "step runs decay_outer_'s torch reference (W.addmm_) here.")
-    return Section("factored_step", "Training step: DecaySGD factored vs dense vs torch SGD fused",
-                   COLUMNS, rows, notes)
+    return Section("factored_step", title, COLUMNS, rows, notes)

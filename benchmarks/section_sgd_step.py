@@ -33,6 +33,8 @@ def sgd_step_section(ctx: Context) -> Section:
         moved = sgd_cases.bytes_per_step(ps.n_params)
         set_rows = []
         for c in sgd_cases.ALL_CONTENDERS:
+            if not ctx.wants(headline=c.key in sgd_cases.HEADLINE):
+                continue
             row: dict[str, Any] = {"param_set": ps.name, "n_tensors": ps.n_tensors,
                                    "n_params": ps.n_params, "contender": c.label, "key": c.key,
                                    "bytes_per_step": moved}

@@ -65,6 +65,9 @@ def _simulation_row(ctx: Context, case: str, size: int, steps: int, record_every
 
 @register_section("simulate")
 def simulate_section(ctx: Context) -> Section:
+    title = "Mechanism simulator: simulate() vs decay_outer_ alone"
+    if not ctx.wants(headline=False):  # none of its rows is a headline row
+        return Section("simulate", title, COLUMNS, [])
     size, steps, note = _sizes(ctx)
     decay, alpha = check_decay(LR, LAM), -LR / BATCH_SIZE
     W = torch.zeros(size, size, device=ctx.device)
@@ -117,5 +120,5 @@ def simulate_section(ctx: Context) -> Section:
         "Each simulate row is one run, timed once end to end (perf_counter, device synchronised); "
         "time in spectra includes the device synchronisation before each batch of records.",
     ]
-    return Section("simulate", "Mechanism simulator: simulate() vs decay_outer_ alone", COLUMNS,
+    return Section("simulate", title, COLUMNS,
                    rows, notes)

@@ -87,10 +87,14 @@ def _target_notes(rows: list[dict[str, Any]], device_type: str) -> list[str]:
 def spectra_section(ctx: Context) -> Section:
     rows: list[dict[str, Any]] = []
     for matrix_set in cases.matrix_sets_for(ctx.device):
+        contenders = [c for c in cases.CONTENDERS
+                      if ctx.wants(headline=(matrix_set.name, c.key) in cases.HEADLINE)]
+        if not contenders:
+            continue
         matrices = cases.materialize(matrix_set, ctx.device)
         reference = cases.reference_values(matrix_set)
         set_rows = []
-        for c in cases.CONTENDERS:
+        for c in contenders:
             row: dict[str, Any] = {"matrix_set": matrix_set.name,
                                    "n_matrices": matrix_set.n_matrices,
                                    "n_shape_groups": matrix_set.n_shape_groups,

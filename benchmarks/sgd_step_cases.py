@@ -50,6 +50,9 @@ DECAY_SGD = tuple(Contender(f"decaysgd_{b}", f"DecaySGD[{b}]", False, _decay_sgd
                   for b in BACKENDS)
 ALL_CONTENDERS = ANCHORS + DECAY_SGD
 BY_KEY = {c.key: c for c in ALL_CONTENDERS}
+# The report's --headline rows: DecaySGD on each backend against torch.optim.SGD(fused=True), on
+# every parameter set.
+HEADLINE = frozenset({"sgd_fused", *(c.key for c in DECAY_SGD)})
 
 
 def speed_backends(device: torch.device | str) -> list[str]:

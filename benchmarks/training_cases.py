@@ -67,6 +67,8 @@ CONTENDERS = (
     Contender("decaysgd_track1", "DecaySGD + RankTracker every step", "decaysgd", 1),
 )
 BY_KEY = {c.key: c for c in CONTENDERS}
+# The report's --headline rows: all of them (one step with and without tracking).
+HEADLINE = frozenset(BY_KEY)
 
 
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
