@@ -64,7 +64,7 @@ def fused_sgd_step_(
     for i, p in enumerate(params):
         groups.setdefault((p.device, p.dtype), []).append(i)
     for (device, dtype), index in groups.items():
-        name = resolve_backend(backend, device)
+        name = resolve_backend(backend, device, op="sgd_step", variant=dtype)
         explicit = (backend or "auto") != "auto"
         if name != "torch" and dtype not in KERNEL_DTYPES and not explicit:
             name = "torch"  # "auto" (or LOWRANK_BACKEND) sends float64 to the reference
@@ -77,7 +77,7 @@ def fused_sgd_step_(
         f = [first_step[i] for i in index]
         scale = _on_device(grad_scale, device, "grad_scale")
         inf = _on_device(found_inf, device, "found_inf")
-        group_lr = _on_device(lr, device, "lr") if isinstance(lr, torch.Tensor) else float(lr)
+        group_lr = _lr_for(lr, device)
         _IMPLEMENTATIONS[name](p, g, b, f, group_lr, scale, inf, **hyper)
 
 
@@ -108,6 +108,21 @@ def _check_inputs(params, grads, momentum_buffers, momentum, first_step):
             if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
                 raise TypeError(f"tensor {i}: momentum buffer must match its param in shape, dtype and "
                                 f"device; got {tuple(b.shape)} {b.dtype} {b.device}")
+
+
+def _lr_for(lr, device):
+    """A float, or a one-element fp32 tensor on ``device`` that the kernels read there.
+
+    A CPU tensor lr is read on the host (reading host memory waits for nothing), never copied to
+    the GPU: a pageable host-to-device copy would wait for the stream, and it cannot be captured
+    in a CUDA graph. torch's fused optimizers treat a CPU lr the same way."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr)
+    if lr.device.type == "cpu" and torch.device(device).type != "cpu":
+        if lr.numel() != 1:
+            raise ValueError("lr must be a one-element tensor")
+        return float(lr)
+    return _on_device(lr, device, "lr")
 
 
 def _on_device(t, device, name):
@@ -181,13 +196,21 @@ def _stage(params, grads, bufs):
 
 
 def _launch_tables(params, grads, bufs, first, chunk):
+    """(tensor table, block table, aligned): ``aligned`` says that every pointer of the launch is
+    16-byte aligned, so the kernels may use their 128-bit path (chunk starts are multiples of
+    ``chunk`` elements, which keeps each chunk aligned as well)."""
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     rows = [[params[i].data_ptr(), grads[i].data_ptr(),
              bufs[i].data_ptr() if bufs is not None else 0,
              params[i].numel(), int(bool(first[i]))] for i in keep]
+    aligned = all(row[0] % _ALIGNMENT == 0 and row[1] % _ALIGNMENT == 0
+                  and row[2] % _ALIGNMENT == 0 for row in rows)
     device = params[0].device
     return (multi_tensor.tensor_table(rows, device),
-            multi_tensor.block_table([r[3] for r in rows], chunk, device))
+            multi_tensor.block_table([r[3] for r in rows], chunk, device), aligned)
+
+
+_ALIGNMENT = 16  # bytes of one 128-bit access
 
 
 def _kernel_step(kernel_module: str):
@@ -203,9 +226,10 @@ def _kernel_step(kernel_module: str):
         flat_p, flat_g, flat_b, write_back = _stage(params, grads, bufs)
         if not any(p.numel() for p in flat_p):
             return
-        tensors, blocks = _launch_tables(flat_p, flat_g, flat_b if bufs is not None else None,
-                                         first, kernels.CHUNK)
-        kernels.launch_sgd_step(tensors, blocks, flat_p[0].dtype, lr, grad_scale, found_inf, **hyper)
+        tensors, blocks, aligned = _launch_tables(
+            flat_p, flat_g, flat_b if bufs is not None else None, first, kernels.CHUNK)
+        kernels.launch_sgd_step(tensors, blocks, flat_p[0].dtype, lr, grad_scale, found_inf,
+                                aligned=aligned, **hyper)
         for original, staged in write_back:
             original.copy_(staged)
 
