@@ -24,7 +24,6 @@ program (no split-K): enough programs exist whenever W has at least a few hundre
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -32,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpreter_enabled
+from .launch import FP_FUSION, on_device
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 
@@ -65,24 +65,55 @@ _GPU_CONFIGS = [
 MAX_BLOCK = max(max(c.kwargs.values()) for c in _GPU_CONFIGS)
 
 
+def _tile(c) -> tuple[int, int, int, int, int]:
+    kw = c.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], c.num_warps, c.num_stages
+
+
+# Configurations that spill registers, from the ahead-of-time compile of every configuration for
+# sm_90a and sm_80 (``python -m lowrank_kernels.kernels.triton.aot --kernel decay_outer``, Triton
+# 3.6 and 3.9; the CI test fails if a configuration the pruner keeps spills):
+# * IEEE float32 (tl.dot on the CUDA cores, operands in registers): every BLOCK_K = 32 tile but
+#   64x64 spills somewhere, so IEEE keeps BLOCK_K = 16;
+# * TF32: 128x256x32 and 64x128x64 (4 warps, 4 stages) spill;
+# * W's sides not both divisible by 16 (Triton then cannot vectorise the rows and keeps a mask and
+#   an address per element): every tile above 64x64 spills, for every dtype.
+_TF32_SPILLS = {(128, 256, 32, 8, 3), (64, 128, 64, 4, 4)}
+_SMALL_TILE = 64 * 64
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop K chunks wider than K needs (all-padding work), and for IEEE float32 (tl.dot on the
-    CUDA cores, operands held in registers) the tiles that spill on sm_90; keep at least one."""
+    """The autotuner's candidates for one problem: no K chunk wider than K needs (all-padding
+    work), and none of the configurations known to spill for this precision and W shape (above);
+    at least one is always kept."""
     k_bucket = named_args["K_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max(16, k_bucket)]
-    if kwargs.get("INPUT_PRECISION") == "ieee":
-        kept = [c for c in kept if c.kwargs["BLOCK_K"] <= 32
-                and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+    precision = kwargs.get("INPUT_PRECISION")
+    divisible = named_args["M"] % 16 == 0 and named_args["N"] % 16 == 0
+    kept = []
+    for c in configs:
+        bm, bn, bk, _, _ = tile = _tile(c)
+        if bk > max(16, k_bucket):
+            continue
+        if precision == "ieee" and bk > 16:
+            continue
+        if precision == "tf32" and tile in _TF32_SPILLS:
+            continue
+        if not divisible and (bm * bn > _SMALL_TILE or (precision == "ieee" and bk > 16)):
+            continue
+        kept.append(c)
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],
+                                                c.kwargs["BLOCK_K"]))]
 
 
-@triton.jit
+# K and K_BUCKET are loop and mask bounds (and the autotune key), read_w a 0/1 flag: Triton's
+# specialisation of integers on divisibility by 16 and on the value 1 would only multiply the
+# compiled kernels.
+@triton.jit(do_not_specialize=["K", "K_BUCKET", "read_w"])
 def _decay_outer_kernel(
     w_ptr, d_ptr, f_ptr,
     M, N, K, K_BUCKET,
-    decay, alpha,
-    DTYPE: tl.constexpr, READ_W: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    WIDEN_OPERANDS: tl.constexpr,
+    decay, alpha, read_w,
+    DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDEN_OPERANDS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -117,7 +148,7 @@ def _decay_outer_kernel(
 
     w_ptrs = (w_ptr + row0.to(tl.int64) * N + col0) + (rm[:, None] * N + rn[None, :])
     w_mask = in_m[:, None] & in_n[None, :]
-    if READ_W:
+    if read_w != 0:  # a uniform branch: decay == 0 never reads W (BLAS beta = 0)
         w = tl.load(w_ptrs, mask=w_mask, other=0.0, eviction_policy="evict_first")
         out = decay * w.to(tl.float32) + alpha * acc
     else:
@@ -126,9 +157,9 @@ def _decay_outer_kernel(
 
 
 _decay_outer_tuned = triton.autotune(
-    # INPUT_PRECISION and READ_W change the kernel (and which tiles the pruner keeps), so a
-    # config tuned for one variant must not be handed to the other.
-    configs=_GPU_CONFIGS, key=["M", "N", "K_BUCKET", "INPUT_PRECISION", "READ_W"],
+    # INPUT_PRECISION changes the kernel (and which tiles the pruner keeps) and read_w the bytes
+    # moved, so a config tuned for one variant must not be handed to the other.
+    configs=_GPU_CONFIGS, key=["M", "N", "K_BUCKET", "INPUT_PRECISION", "read_w"],
     restore_value=["w_ptr"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_decay_outer_kernel)
@@ -159,6 +190,25 @@ def _launch_kwargs(config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
+def launch_arguments(W: torch.Tensor, D: torch.Tensor, F: torch.Tensor, decay: float,
+                     alpha: float) -> tuple[tuple, dict]:
+    """(positional args, variant keywords) of ``_decay_outer_kernel`` for one call: the one place
+    where the op's arguments become the kernel's, shared by the launcher and the ahead-of-time
+    check. The tile configuration is added by the autotuner (GPU) or INTERPRETER_CONFIG."""
+    m, n = W.shape
+    k = D.shape[0] if alpha != 0.0 else 0  # alpha = 0: D and F are never read
+    k_bucket = triton.next_power_of_2(max(k, 1))
+    interpreted = W.device.type != "cuda" and triton_interpreter_enabled()
+    variant = dict(
+        DTYPE=_TL_DTYPE[W.dtype], INPUT_PRECISION=input_precision(W.dtype, W.device),
+        # The interpreter's tl.dot multiplies bfloat16 operands as their raw 16-bit patterns;
+        # widened to fp32 first, the products are exact, as on tensor cores.
+        WIDEN_OPERANDS=interpreted and W.dtype != torch.float32,
+        enable_fp_fusion=FP_FUSION,
+    )
+    return (W, D, F, m, n, k, k_bucket, float(decay), float(alpha), int(decay != 0.0)), variant
+
+
 def launch_decay_outer(W: torch.Tensor, D: torch.Tensor, F: torch.Tensor, decay: float,
                        alpha: float) -> None:
     """In place ``W <- decay * W + alpha * D^T F``; W, D, F contiguous, one dtype and device,
@@ -168,18 +218,9 @@ def launch_decay_outer(W: torch.Tensor, D: torch.Tensor, F: torch.Tensor, decay:
         raise ValueError(f"decay_outer_: the Triton kernel indexes tiles with 32-bit offsets and "
                          f"takes m, n < {2**31 // MAX_BLOCK}, got W of shape {(m, n)}; use "
                          "backend='cuda' or 'torch'")
-    k = D.shape[0] if alpha != 0.0 else 0  # alpha = 0: D and F are never read
-    k_bucket = triton.next_power_of_2(max(k, 1))
-    common = dict(
-        DTYPE=_TL_DTYPE[W.dtype], READ_W=decay != 0.0,
-        INPUT_PRECISION=input_precision(W.dtype, W.device), WIDEN_OPERANDS=False,
-    )
-    args = (W, D, F, m, n, k, k_bucket, decay, alpha)
+    args, common = launch_arguments(W, D, F, decay, alpha)
     if W.device.type != "cuda" and triton_interpreter_enabled():
         cfg = INTERPRETER_CONFIG
-        # The interpreter's tl.dot multiplies bfloat16 operands as their raw 16-bit patterns;
-        # widened to fp32 first, the products are exact, as on tensor cores.
-        common["WIDEN_OPERANDS"] = W.dtype != torch.float32
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _decay_outer_kernel[grid](*args, **common, **cfg, num_warps=4, num_stages=1)
         return
@@ -187,10 +228,8 @@ def launch_decay_outer(W: torch.Tensor, D: torch.Tensor, F: torch.Tensor, decay:
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    key = (W.device.index, W.dtype, m, n, k_bucket, *common.values())
-    index = W.device.index
-    switch = index is not None and index != torch.cuda.current_device()
-    with torch.cuda.device(index) if switch else _NO_CONTEXT:
+    key = (W.device.index, W.dtype, m, n, args[6], args[9], *common.values())
+    with on_device(W.device):
         tuned = _TUNED.get(key)
         if tuned is None:
             _decay_outer_tuned[grid](*args, **common)
@@ -199,4 +238,37 @@ def launch_decay_outer(W: torch.Tensor, D: torch.Tensor, F: torch.Tensor, decay:
             _decay_outer_kernel[grid(tuned)](*args, **common, **tuned)
 
 
-_NO_CONTEXT = contextlib.nullcontext()
+def aot_variants():
+    """Every kernel the launcher can emit on a GPU, as (name, args, kwargs) of real launches built
+    by ``launch_arguments`` on small CPU stand-ins (the compiler reads only dtypes, 16-byte
+    alignment and the integers' specialisation), one per autotune configuration that the pruner
+    keeps for some K. Each is compiled by the ahead-of-time check (``aot.py``).
+
+    W's sides are specialised by Triton on divisibility by 16 (they are D's and F's row strides),
+    so the pruner's choice is compiled for both classes: sides divisible by 16, and sides that
+    are not (a 10-class classifier), whose per-element addressing needs the smaller tiles."""
+    cases = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, None)]
+    for dtype, precision in cases:
+        for m, n in ((256, 512), (10, 100)):
+            W = torch.zeros((m, n), dtype=dtype)
+            configs = {}
+            for k in (1, 32, 128):  # K chunk needs: 16 (K <= 16), 32, 64 (every config)
+                named = dict(K_BUCKET=triton.next_power_of_2(k), M=m, N=n)
+                for c in _prune_configs(_GPU_CONFIGS, named, INPUT_PRECISION=precision):
+                    configs[_config_name(c)] = c
+            chosen = sorted(configs.items())
+            D = torch.zeros((128, m), dtype=dtype)
+            F = torch.zeros((128, n), dtype=dtype)
+            args, variant = launch_arguments(W, D, F, 0.9, -0.1)
+            # The CPU stand-ins would say "ieee" and, under the interpreter, widen bf16: a GPU
+            # launch has the precision torch allows and never widens.
+            variant.update(INPUT_PRECISION=precision, WIDEN_OPERANDS=False)
+            for name, c in chosen:
+                label = f"{str(dtype).removeprefix('torch.')}-{precision or 'default'}-{m}x{n}-{name}"
+                yield label, args, {**variant, **_launch_kwargs(c)}
+
+
+def _config_name(c) -> str:
+    kw = c.kwargs
+    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{c.num_warps}s{c.num_stages}")
+

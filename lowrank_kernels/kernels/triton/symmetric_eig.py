@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import FP_FUSION
+
 # Elements per (rows x P) tile a program holds in registers per load on a GPU: 16 registers a
 # thread per tile at 4 warps, whatever the dtype. The interpreter takes whole matrices (fewer ops).
 TILE_ELEMENTS = {torch.float32: 2048, torch.float64: 1024}
@@ -58,7 +60,9 @@ def _off_diagonal_sq(x_ptr, M, P: tl.constexpr, R: tl.constexpr, DTYPE: tl.const
     return tl.sum(tl.sum(acc, axis=1), axis=0)
 
 
-@triton.jit
+# n, M and max_sweeps are loop and mask bounds: specialising them on divisibility by 16 or on the
+# value 1 would only multiply the compiled kernels (P carries the shape that matters).
+@triton.jit(do_not_specialize=["n", "M", "max_sweeps"])
 def _symmetric_eig_kernel(
     a_ptr, w_ptr, vt_ptr, scratch_a, scratch_v, scratch_p, scratch_i,
     n, M, max_sweeps, tol_sq,
@@ -200,12 +204,9 @@ def _tile(a: torch.Tensor, n: int, rows: int | None) -> tuple[int, int, int]:
     return m_even, p, min(p, rows)
 
 
-def launch_symmetric_eig(a: torch.Tensor, max_sweeps: int, tol: float, rows: int | None = None):
-    """Eigen-decompose each matrix of ``a`` (b, n, n), contiguous, float32/float64.
-
-    Returns (w, vt): unsorted eigenvalues (b, n) and V^T (b, n, n), rows the eigenvectors.
-    ``rows`` overrides the rows per tile (a power of two; tests use it to cover several tiles).
-    """
+def launch_arguments(a: torch.Tensor, max_sweeps: int, tol: float, rows: int | None = None):
+    """(positional args, keywords, outputs) of one launch: the one place where the op's arguments
+    become the kernel's, shared by the launcher and the ahead-of-time check."""
     b, n, _ = a.shape
     m_even, p, r = _tile(a, n, rows)
     w = torch.empty((b, n), dtype=a.dtype, device=a.device)
@@ -214,10 +215,33 @@ def launch_symmetric_eig(a: torch.Tensor, max_sweeps: int, tol: float, rows: int
     scratch_v = torch.empty_like(scratch_a)
     scratch_p = torch.empty((b, 3, p), dtype=a.dtype, device=a.device)
     scratch_i = torch.empty((b, p), dtype=torch.int32, device=a.device)
-    _symmetric_eig_kernel[(b,)](
-        a, w, vt, scratch_a, scratch_v, scratch_p, scratch_i,
-        n, m_even, max_sweeps, tol * tol,
-        P=p, R=r, DTYPE=_TL_DTYPE[a.dtype],
-        num_warps=NUM_WARPS, num_stages=1,
-    )
-    return w, vt
+    args = (a, w, vt, scratch_a, scratch_v, scratch_p, scratch_i,
+            n, m_even, max_sweeps, tol * tol)
+    kwargs = dict(P=p, R=r, DTYPE=_TL_DTYPE[a.dtype], num_warps=NUM_WARPS, num_stages=1,
+                  enable_fp_fusion=FP_FUSION)
+    return args, kwargs, (w, vt)
+
+
+def launch_symmetric_eig(a: torch.Tensor, max_sweeps: int, tol: float, rows: int | None = None):
+    """Eigen-decompose each matrix of ``a`` (b, n, n), contiguous, float32/float64.
+
+    Returns (w, vt): unsorted eigenvalues (b, n) and V^T (b, n, n), rows the eigenvectors.
+    ``rows`` overrides the rows per tile (a power of two; tests use it to cover several tiles).
+    """
+    args, kwargs, outputs = launch_arguments(a, max_sweeps, tol, rows)
+    _symmetric_eig_kernel[(a.shape[0],)](*args, **kwargs)
+    return outputs
+
+
+def aot_variants():
+    """Every kernel the launcher can emit on a GPU: one per (dtype, padded width P) for
+    n = 2 .. MAX_N, as (name, args, kwargs) of real launches built by ``launch_arguments`` on small
+    CPU stand-ins; the rows per tile are the GPU's (``TILE_ELEMENTS``), not the interpreter's."""
+    for dtype in _TL_DTYPE:
+        p = 2
+        while p <= MAX_N:
+            a = torch.zeros((1, p, p), dtype=dtype)
+            rows = TILE_ELEMENTS[dtype] // p
+            args, kwargs, _ = launch_arguments(a, 15, 1e-7, rows)
+            yield f"{str(dtype).removeprefix('torch.')}-P{p}-R{kwargs['R']}", args, kwargs
+            p *= 2
