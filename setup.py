@@ -1,7 +1,7 @@
 """Build shim: all metadata lives in pyproject.toml.
 
 The CUDA kernels in csrc/ are not built here. They are plain .cu sources compiled at first use on
-a GPU machine (NVRTC through CuPy), so installing needs no CUDA compiler. They are copied into the
+a GPU machine (NVRTC, loaded through CuPy), so installing needs no CUDA compiler. They are copied into the
 package so an installed (non-editable) copy still finds them.
 """
 import shutil

@@ -3,7 +3,8 @@
 Each op has three implementations: ``torch`` (plain PyTorch, always available, the ground truth
 in tests), ``triton`` (Triton kernels: on a CUDA device, or on the CPU through Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set before the first import of the kernels) and
-``cuda`` (the C++ kernels of ``csrc/``, compiled at first use through CuPy's NVRTC).
+``cuda`` (the C++ kernels of ``csrc/``, compiled at first use by NVRTC in
+``kernels/cuda/compile.py`` and loaded and launched through CuPy).
 
 Precedence: an explicit ``backend=`` argument other than ``"auto"`` wins; otherwise the
 ``LOWRANK_BACKEND`` environment variable, if set, is used; otherwise ``"auto"`` picks the first
