@@ -162,7 +162,8 @@ run_step 1 "wheels from .whl/" 20 "$LOG1" "MISSING|FAILED|nothing to install|ins
 run_step 1 environment 15 "$LOG1" "^(device_name|torch|triton|cupy):" \
   "date -u +%Y-%m-%dT%H:%M:%SZ
    if command -v nvidia-smi >/dev/null 2>&1; then
-     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit --format=csv
+     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit --format=csv \
+       || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
    else echo 'nvidia-smi: not found (no NVIDIA driver here)'; fi
    $PY benchmarks/gpu_check/environment.py"
 run_step 1 "smoke: every kernel vs torch" 0 "$LOG1" " summary - " \
