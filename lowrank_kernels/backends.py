@@ -14,9 +14,11 @@ fast path).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from functools import lru_cache
+from types import ModuleType
 
 import torch
 
@@ -58,6 +60,21 @@ class BackendUnavailableError(RuntimeError):
 @lru_cache(maxsize=None)
 def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+KERNEL_BACKENDS = ("triton", "cuda")
+
+
+@lru_cache(maxsize=None)
+def kernel_module(op: str, backend: str) -> ModuleType:
+    """The launcher module of ``op``'s kernels for ``backend`` (``lowrank_kernels.kernels.<backend>
+    .<op>``), imported on first use, so that importing an op needs neither Triton nor CuPy."""
+    if op not in AUTO_ORDER:
+        raise ValueError(f"unknown op {op!r}; known: {', '.join(map(repr, AUTO_ORDER))}")
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"backend {backend!r} has no kernel module; kernel backends: "
+                         f"{', '.join(map(repr, KERNEL_BACKENDS))}")
+    return importlib.import_module(f"{__package__}.kernels.{backend}.{op}")
 
 
 def triton_interpreter_enabled() -> bool:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from .ops.decay_outer import DTYPES, decay_outer_
+from .ops.decay_outer import DTYPES, _launch, check_inputs, choose_backend, decay_outer_
 from .spectral import all_measures, singular_values
 
 GRADIENTS = ("gaussian", "fixed-basis")
@@ -454,12 +454,19 @@ def simulate(m: int, n: int, batch_size: int, lr: float, weight_decay_lam: float
         if record_start == 0:
             record(0)
         t = 0
+        drawn_backend = None  # chosen once the first drawn factors pass decay_outer_'s checks
         while t < steps:
             count = min(chunk, steps - t)
             factors = None if callable(gradient) else source.draw(count)
+            if factors is not None and drawn_backend is None:
+                # Every draw has the same shapes, dtype and device, in fresh memory: one check
+                # covers the whole run, and the loop launches without per-step checks.
+                check_inputs(W, factors[0][0], factors[1][0], decay, alpha)
+                drawn_backend = choose_backend(W, backend)
+                decay, alpha = float(decay), float(alpha)
             for j in range(count):
                 if factors is not None:
-                    decay_outer_(W, factors[0][j], factors[1][j], decay, alpha, backend=backend)
+                    _launch(drawn_backend, W, factors[0][j], factors[1][j], decay, alpha)
                 else:
                     update = source(t)
                     if isinstance(update, Tensor):  # a dense G: two passes over W

@@ -133,3 +133,41 @@ def test_available_backends_defaults_to_the_current_device(monkeypatch):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert backends.default_device().type == expected
     assert "torch" in available_backends()
+
+
+def test_kernel_module_per_op_and_backend():
+    launchers = {"sgd_step": "launch_sgd_step", "decay_outer": "launch_decay_outer",
+                 "symmetric_eig": "launch_symmetric_eig"}
+    assert set(launchers) == set(AUTO_ORDER)
+    for op, launcher in launchers.items():
+        for backend in backends.KERNEL_BACKENDS:
+            module = backends.kernel_module(op, backend)
+            assert module.__name__ == f"lowrank_kernels.kernels.{backend}.{op}"
+            assert callable(getattr(module, launcher))
+            assert backends.kernel_module(op, backend) is module  # imported once
+    with pytest.raises(ValueError, match="unknown op 'matmul'"):
+        backends.kernel_module("matmul", "triton")
+    with pytest.raises(ValueError, match="backend 'torch' has no kernel module"):
+        backends.kernel_module("sgd_step", "torch")
+
+
+@pytest.mark.skipif("triton" not in available_backends("cpu"),
+                    reason="the Triton interpreter is not available")
+def test_every_op_imports_its_kernels_through_kernel_module(monkeypatch):
+    from lowrank_kernels.ops import decay_outer, sgd_step, symmetric_eig
+
+    asked = []
+
+    def spy(op, backend):
+        asked.append((op, backend))
+        return backends.kernel_module(op, backend)
+
+    for module in (sgd_step, decay_outer, symmetric_eig):
+        monkeypatch.setattr(module, "kernel_module", spy)
+    sgd_step.fused_sgd_step_([torch.zeros(4)], [torch.ones(4)], None, lr=0.5, backend="triton")
+    W = torch.zeros(2, 3)
+    decay_outer.decay_outer_(W, torch.ones(1, 2), torch.ones(1, 3), 1.0, 1.0, backend="triton")
+    symmetric_eig.batched_eigh(torch.eye(2).expand(1, 2, 2), backend="triton")
+    assert ("sgd_step", "triton") in asked and ("decay_outer", "triton") in asked
+    assert ("symmetric_eig", "triton") in asked
+    assert torch.equal(W, torch.ones(2, 3))

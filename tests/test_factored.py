@@ -272,3 +272,32 @@ def test_factors_reproduce_the_autograd_weight_gradient():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         conv(x)  # no hook left
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_factored_update_checks_its_inputs_once_per_step(nesterov, monkeypatch):
+    """Every pass of a step (into the buffer, into the weight) shares one check of
+    decay_outer_'s inputs; a channels_last conv weight and buffer are written back."""
+    from lowrank_kernels.optim import factored_step
+
+    checks = []
+    real = factored_step.check_inputs
+    monkeypatch.setattr(factored_step, "check_inputs",
+                        lambda *a, **k: (checks.append(1), real(*a, **k)))
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, 2, 2, generator=gen).to(memory_format=torch.channels_last)
+    buf = torch.randn(4, 3, 2, 2, generator=gen).to(memory_format=torch.channels_last)
+    D, F = torch.randn(5, 4, generator=gen), torch.randn(5, 12, generator=gen)
+    w0, b0 = weight.clone(), buf.clone()
+    kw = dict(lr=0.1, weight_decay=0.2, momentum=0.9, dampening=0.0, nesterov=nesterov,
+              maximize=False, decoupled_weight_decay=False, backend="torch")
+    factored_step.factored_update_(weight, (D, F), buf, first_step=False, **kw)
+    assert len(checks) == 1
+    g = (D.T @ F).view(4, 3, 2, 2) + 0.2 * w0
+    expected_buf = 0.9 * b0 + g
+    expected_w = w0 - 0.1 * ((g + 0.9 * expected_buf) if nesterov else expected_buf)
+    torch.testing.assert_close(buf, expected_buf, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight, expected_w, rtol=1e-5, atol=1e-6)
+    bad = torch.zeros(4, 3, 2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="momentum buffer .*does not match its weight"):
+        factored_step.factored_update_(weight, (D, F), bad, first_step=False, **kw)

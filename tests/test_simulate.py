@@ -257,3 +257,31 @@ def test_large_simulation_on_gpu():
     result = simulate(4096, 4096, 8, 0.01, 0.005, steps, device="cuda", record_every=steps)
     assert torch.isfinite(result.singular_values).all()
     assert int(result.threshold_rank[-1]) <= result.hard_cap == min(4096, steps * 8)
+
+
+@pytest.mark.parametrize("gradient", ["gaussian", "fixed-basis"])
+def test_drawn_factors_are_checked_once_per_run(gradient, monkeypatch):
+    """The loop launches decay_outer_'s update without its per-call checks: they run once, on
+    the first draw, and the run equals one through decay_outer_ at every step."""
+    import importlib
+
+    from lowrank_kernels.ops import decay_outer as op
+
+    sim = importlib.import_module("lowrank_kernels.simulate")  # the package exports simulate()
+
+    kwargs = dict(steps=30, chunk_steps=7, seed=3, device="cpu", gradient=gradient,
+                  backend="torch")
+    checks = []
+    real_check = sim.check_inputs
+    monkeypatch.setattr(sim, "check_inputs", lambda *a, **k: (checks.append(1), real_check(*a, **k)))
+    fast = sim.simulate(10, 8, 2, 0.05, 0.3, **kwargs)
+    assert len(checks) == 1
+    monkeypatch.undo()
+
+    def checked_every_step(backend_name, W, D, F, decay, alpha):
+        return op.decay_outer_(W, D, F, decay, alpha, backend=backend_name, check_finite=True)
+
+    monkeypatch.setattr(sim, "_launch", checked_every_step)
+    slow = sim.simulate(10, 8, 2, 0.05, 0.3, **kwargs)
+    assert torch.equal(fast.W, slow.W)
+    assert torch.equal(fast.singular_values, slow.singular_values)

@@ -36,8 +36,6 @@ Meta tensors go to the torch backend (shapes only; ``check_finite`` has nothing 
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 import numbers
 import warnings
@@ -45,21 +43,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from ..backends import kernel_module, resolve_backend
 
 DTYPES = (torch.float32, torch.bfloat16)
-
-_KERNEL_MODULES = {
-    "triton": "..kernels.triton.decay_outer",
-    "cuda": "..kernels.cuda.decay_outer",
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_module(backend: str):
-    """The launcher module of a kernel backend, imported on first use (Triton and CuPy are
-    optional)."""
-    return importlib.import_module(_KERNEL_MODULES[backend], __package__)
 
 
 def _check_tensor(name: str, t: Tensor) -> None:
@@ -180,13 +166,26 @@ def decay_outer_(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float, *,
             decay_outer_(layer.weight, grad_output / B, input, 1 - lr * wd, -lr)
     """
     check_inputs(W, D, F, decay, alpha, check_finite=check_finite)
-    name = resolve_backend(backend, W.device, op="decay_outer", variant=_order_variant(W))
+    return _launch(choose_backend(W, backend), W, D, F, float(decay), float(alpha))
+
+
+def choose_backend(W: Tensor, backend: str | None = "auto") -> str:
+    """The concrete backend ``decay_outer_`` runs for W (its device and dtype) and ``backend``."""
+    return resolve_backend(backend, W.device, op="decay_outer", variant=_order_variant(W))
+
+
+def _launch(name: str, W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float) -> Tensor:
+    """``decay_outer_`` without its input checks, on backend ``name`` (``choose_backend``).
+
+    For loops that run ``check_inputs`` once on inputs whose kind (shapes, dtype, device,
+    layout, grad mode) stays the same from call to call: the simulator's steps, the factored
+    step's passes over one weight and its momentum buffer. ``decay`` and ``alpha`` are floats."""
     if W.numel() == 0:
         return W
-    decay, alpha = float(decay), float(alpha)
     if name == "torch":
         return W.addmm_(D.t(), F, beta=decay, alpha=alpha)
-    _kernel_module(name).launch_decay_outer(W, D.contiguous(), F.contiguous(), decay, alpha)
+    kernel_module("decay_outer", name).launch_decay_outer(W, D.contiguous(), F.contiguous(),
+                                                          decay, alpha)
     # The kernel wrote through W's data pointer, which autograd does not see; bump the version
     # as an in-place torch op would.
     torch.autograd.graph.increment_version(W)

@@ -17,11 +17,11 @@ parameter's dtype, like ``torch.optim.SGD``'s, so state dicts move between the t
 """
 from __future__ import annotations
 
-import importlib
+from typing import NamedTuple
 
 import torch
 
-from ..backends import resolve_backend
+from ..backends import BackendUnavailableError, kernel_module, resolve_backend
 from . import multi_tensor
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -50,38 +50,110 @@ def fused_sgd_step_(
     One kernel launch per (device, dtype) group of tensors. ``momentum_buffers`` is required when
     ``momentum != 0`` (one tensor per param, same dtype and shape); ``first_step[i]`` marks a
     buffer to initialise from the gradient (torch's first-step rule) instead of updating it.
+    A param listed twice (with the same buffer) is stepped twice, one occurrence after the
+    other, see ``plan_launches``. Nothing is written when any group cannot run.
     """
-    _check_inputs(params, grads, momentum_buffers, momentum, first_step)
+    check_inputs(params, grads, momentum_buffers, momentum=momentum, first_step=first_step)
     if not params:
         return
+    run_launches(plan_launches(params, backend), params, grads,
+                 momentum_buffers if momentum != 0 else None, first_step, lr=lr,
+                 weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                 nesterov=nesterov, maximize=maximize,
+                 decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale,
+                 found_inf=found_inf)
+
+
+def run_launches(launches, params, grads, momentum_buffers, first_step, *, lr, weight_decay,
+                 momentum, dampening, nesterov, maximize, decoupled_weight_decay, grad_scale,
+                 found_inf) -> None:
+    """Run the ``plan_launches`` launches on inputs that ``check_inputs`` accepted (the split
+    lets an optimizer check every param group before it steps any)."""
     if first_step is None:
         first_step = [False] * len(params)
     hyper = dict(weight_decay=float(weight_decay), momentum=float(momentum),
                  dampening=float(dampening), nesterov=bool(nesterov), maximize=bool(maximize),
                  decoupled_weight_decay=bool(decoupled_weight_decay))
-
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
-    for (device, dtype), index in groups.items():
-        name = resolve_backend(backend, device, op="sgd_step", variant=dtype)
-        explicit = (backend or "auto") != "auto"
-        if name != "torch" and dtype not in KERNEL_DTYPES and not explicit:
-            name = "torch"  # "auto" (or LOWRANK_BACKEND) sends float64 to the reference
-        if name != "torch" and dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend {name!r} supports parameters of dtype float32, bfloat16 and "
-                            f"float16, got {dtype}; use backend='torch' for it")
+    # The per-device scalars first: a bad one raises before any launch has run.
+    scalars = {}
+    for launch in launches:
+        if launch.device not in scalars:
+            scalars[launch.device] = (_lr_for(lr, launch.device),
+                                      _on_device(grad_scale, launch.device, "grad_scale"),
+                                      _on_device(found_inf, launch.device, "found_inf"))
+    for launch in launches:
+        index = launch.index
         p = [params[i] for i in index]
         g = [grads[i] for i in index]
-        b = [momentum_buffers[i] for i in index] if momentum != 0 else None
+        b = [momentum_buffers[i] for i in index] if momentum_buffers is not None else None
         f = [first_step[i] for i in index]
-        scale = _on_device(grad_scale, device, "grad_scale")
-        inf = _on_device(found_inf, device, "found_inf")
-        group_lr = _lr_for(lr, device)
-        _IMPLEMENTATIONS[name](p, g, b, f, group_lr, scale, inf, **hyper)
+        _IMPLEMENTATIONS[launch.backend](p, g, b, f, *scalars[launch.device], **hyper)
 
 
-def _check_inputs(params, grads, momentum_buffers, momentum, first_step):
+class Launch(NamedTuple):
+    """One launch of a step: the positions in ``params`` it covers, on one device and dtype."""
+    backend: str
+    device: torch.device
+    dtype: torch.dtype
+    index: list[int]
+
+
+def plan_launches(params: list[torch.Tensor], backend: str | None = "auto",
+                  labels: list[str] | None = None) -> list[Launch]:
+    """The launches of one step over ``params``, in order, each with its concrete backend.
+
+    One launch per (device, dtype); raises (BackendUnavailableError, TypeError) for a group that
+    cannot run, naming its params, before anything runs. A tensor that appears more
+    than once is stepped once per occurrence, in order, as ``torch.optim.SGD``'s single-tensor
+    loop does: its k-th occurrences go to the k-th round of launches (one launch never holds a
+    tensor twice, where its programs would race on the same memory). ``labels`` name the params
+    in errors (default: their positions)."""
+    rounds: list[dict[tuple[torch.device, torch.dtype], list[int]]] = []
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        occurrence = seen.get(id(p), 0)
+        seen[id(p)] = occurrence + 1
+        if occurrence == len(rounds):
+            rounds.append({})
+        rounds[occurrence].setdefault((p.device, p.dtype), []).append(i)
+    explicit = (backend or "auto") != "auto"
+    names: dict[tuple[torch.device, torch.dtype], str] = {}
+    launches = []
+    for groups in rounds:
+        for (device, dtype), index in groups.items():
+            if (device, dtype) not in names:
+                names[device, dtype] = _backend_for(backend, explicit, device, dtype,
+                                                     _which(index, labels))
+            launches.append(Launch(names[device, dtype], device, dtype, index))
+    return launches
+
+
+def _backend_for(backend, explicit, device, dtype, which: str) -> str:
+    try:
+        name = resolve_backend(backend, device, op="sgd_step", variant=dtype)
+    except BackendUnavailableError as exc:
+        raise BackendUnavailableError(f"fused SGD step, {which} on {device}: {exc}") from None
+    if name != "torch" and dtype not in KERNEL_DTYPES and not explicit:
+        name = "torch"  # "auto" (or LOWRANK_BACKEND) sends float64 to the reference
+    if name != "torch" and dtype not in KERNEL_DTYPES:
+        raise TypeError(f"fused SGD step, {which} ({dtype} on {device}): backend {name!r} "
+                        f"supports parameters of dtype float32, bfloat16 and float16; use "
+                        f"backend='torch' for them")
+    return name
+
+
+def _label(i: int, labels: list[str] | None) -> str:
+    return labels[i] if labels is not None else f"param {i}"
+
+
+def _which(index: list[int], labels: list[str] | None) -> str:
+    return ", ".join(_label(i, labels) for i in index[:6]) + (", ..." if len(index) > 6 else "")
+
+
+def check_inputs(params, grads, momentum_buffers=None, *, momentum=0.0, first_step=None,
+                 labels: list[str] | None = None) -> None:
+    """Raise a clear error, naming the param (``labels``, default its position), for anything
+    the fused step cannot take."""
     if len(params) != len(grads):
         raise ValueError(f"got {len(params)} params but {len(grads)} grads")
     if momentum != 0:
@@ -91,23 +163,29 @@ def _check_inputs(params, grads, momentum_buffers, momentum, first_step):
         raise ValueError(f"first_step has {len(first_step)} entries for {len(params)} params")
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_sparse or p.is_sparse:
-            raise RuntimeError(f"tensor {i}: sparse tensors are not supported by the fused SGD step")
+            raise RuntimeError(f"{_label(i, labels)}: sparse tensors are not supported by the "
+                               "fused SGD step")
         if p.is_complex() or g.is_complex():
-            raise RuntimeError(f"tensor {i}: complex tensors are not supported by the fused SGD step; "
-                               "step torch.view_as_real(param) instead")
+            raise RuntimeError(f"{_label(i, labels)}: complex tensors are not supported by the "
+                               "fused SGD step; step torch.view_as_real(param) instead")
         if p.dtype not in TORCH_DTYPES:
-            raise TypeError(f"tensor {i}: parameters must be floating point "
+            raise TypeError(f"{_label(i, labels)}: parameters must be floating point "
                             f"(float32, bfloat16, float16, float64), got {p.dtype}")
         if g.shape != p.shape:
-            raise ValueError(f"tensor {i}: grad shape {tuple(g.shape)} != param shape {tuple(p.shape)}")
+            raise ValueError(f"{_label(i, labels)}: grad shape {tuple(g.shape)} != param shape "
+                             f"{tuple(p.shape)}")
         if g.dtype != p.dtype or g.device != p.device:
-            raise TypeError(f"tensor {i}: grad is {g.dtype} on {g.device} but param is "
+            raise TypeError(f"{_label(i, labels)}: grad is {g.dtype} on {g.device} but param is "
                             f"{p.dtype} on {p.device}")
         if momentum != 0:
-            b = momentum_buffers[i]
-            if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                raise TypeError(f"tensor {i}: momentum buffer must match its param in shape, dtype and "
-                                f"device; got {tuple(b.shape)} {b.dtype} {b.device}")
+            check_buffer(p, momentum_buffers[i], _label(i, labels))
+
+
+def check_buffer(p: torch.Tensor, b: torch.Tensor, label: str) -> None:
+    if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+        raise TypeError(f"{label}: momentum buffer must match its param in shape, dtype and "
+                        f"device; got {tuple(b.shape)} {b.dtype} {b.device} for a param "
+                        f"{tuple(p.shape)} {p.dtype} {p.device}")
 
 
 def _lr_for(lr, device):
@@ -213,16 +291,13 @@ def _launch_tables(params, grads, bufs, first, chunk):
 _ALIGNMENT = 16  # bytes of one 128-bit access
 
 
-def _kernel_step(kernel_module: str):
-    """A backend step: shared staging and table building around one kernel module's launcher.
-
-    The module (``..kernels.triton.sgd_step`` or ``..kernels.cuda.sgd_step``) is imported on first
-    use, so importing this file needs neither Triton nor CuPy. It provides ``CHUNK`` (elements per
-    program) and ``launch_sgd_step``.
-    """
+def _kernel_step(backend: str):
+    """A backend step: shared staging and table building around one kernel module's launcher
+    (``backends.kernel_module("sgd_step", backend)``: ``CHUNK``, elements per program, and
+    ``launch_sgd_step``)."""
 
     def step(params, grads, bufs, first, lr, grad_scale, found_inf, **hyper):
-        kernels = importlib.import_module(kernel_module, __package__)
+        kernels = kernel_module("sgd_step", backend)
         flat_p, flat_g, flat_b, write_back = _stage(params, grads, bufs)
         if not any(p.numel() for p in flat_p):
             return
@@ -238,6 +313,6 @@ def _kernel_step(kernel_module: str):
 
 _IMPLEMENTATIONS = {
     "torch": _step_torch,
-    "triton": _kernel_step("..kernels.triton.sgd_step"),
-    "cuda": _kernel_step("..kernels.cuda.sgd_step"),
+    "triton": _kernel_step("triton"),
+    "cuda": _kernel_step("cuda"),
 }

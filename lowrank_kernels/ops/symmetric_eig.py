@@ -40,22 +40,15 @@ no backward (their outputs do not require grad); use backend="torch" to differen
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import torch
 from torch import Tensor
 
-from ..backends import auto_candidates, resolve_backend
+from ..backends import auto_candidates, kernel_module, resolve_backend
 
 DTYPES = (torch.float32, torch.float64)
 DEFAULT_TOL = {torch.float32: 1e-7, torch.float64: 1e-14}
 DEFAULT_SWEEPS = 15
-
-_KERNEL_MODULES = {
-    "triton": "..kernels.triton.symmetric_eig",
-    "cuda": "..kernels.cuda.symmetric_eig",
-}
-
 
 def batched_eigh(A: Tensor, *, backend: str | None = "auto", sweeps: int | None = None,
                  tol: float | None = None, check_finite: bool = False) -> tuple[Tensor, Tensor]:
@@ -125,7 +118,7 @@ def max_kernel_n(backend: str, dtype: torch.dtype, device: torch.device) -> int:
     """The largest n the ``backend`` kernel takes for ``dtype`` on ``device``."""
     if backend == "torch":
         return 2**31 - 1
-    return importlib.import_module(_KERNEL_MODULES[backend], __package__).max_n(dtype, device)
+    return kernel_module("symmetric_eig", backend).max_n(dtype, device)
 
 
 def _choose_backend(backend, a: Tensor) -> str:
@@ -155,7 +148,7 @@ def device_guard(device: torch.device):
 
 
 def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Tensor, Tensor]:
-    kernels = importlib.import_module(_KERNEL_MODULES[name], __package__)
+    kernels = kernel_module("symmetric_eig", name)
     a = a.detach()  # the kernels have no backward
     # Power-of-two scaling per matrix, so that the largest |entry| lies in [0.5, 1): no overflow or
     # underflow in the kernels' squared norms. The exponent is clamped so both factors are normal

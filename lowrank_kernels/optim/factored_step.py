@@ -21,41 +21,58 @@ the whole step is one pass over W. Nesterov runs the product twice (once into th
 into W). Results equal the dense step up to fp32 rounding (the order of the additions differs).
 
 A weight is updated through its (d_out, d_in) matrix view (conv weights: (c_out, c_in*kh*kw));
-a weight whose memory is not contiguous (channels_last) is updated on a contiguous copy.
+a weight (or buffer) whose memory is not contiguous (channels_last) is updated on a contiguous
+copy, written back once at the end of the step. ``decay_outer_``'s input checks run once per
+step, for all the passes over the weight and its buffer.
 """
 from __future__ import annotations
 
-from typing import Callable
+import math
 
 import torch
 from torch import Tensor
 
 from ..ops.decay_outer import DTYPES as KERNEL_DTYPES
-from ..ops.decay_outer import decay_outer_
+from ..ops.decay_outer import _launch, check_inputs, choose_backend
 
 
 def _outer_(target: Tensor, factors: tuple[Tensor, Tensor] | None, decay: float, alpha: float,
             backend: str | None) -> None:
-    """target (a 2-D contiguous matrix) <- decay * target + alpha * D^T F."""
+    """target (a 2-D contiguous matrix) <- decay * target + alpha * D^T F, on inputs that
+    ``_checked_backend`` accepted (``backend`` is its answer)."""
     if factors is None:  # a zero gradient: only the shrink
         if decay != 1.0:
             target.mul_(decay)
         return
     D, F = factors
-    if target.dtype in KERNEL_DTYPES:
-        decay_outer_(target, D, F, decay, alpha, backend=backend)
+    if backend is not None:
+        _launch(backend, target, D, F, decay, alpha)
     else:  # float16 / float64 weights: the reference formula
         target.addmm_(D.t(), F, beta=decay, alpha=alpha)
 
 
-def _on_matrix(t: Tensor, update: Callable[[Tensor], None]) -> None:
-    """Run ``update`` on the (rows, -1) matrix of ``t``, in place."""
+def _checked_backend(matrix: Tensor, factors: tuple[Tensor, Tensor] | None, decay: float,
+                     alpha: float, backend: str | None) -> str | None:
+    """Check a step's inputs once for all its passes (over the weight's matrix and the buffer's,
+    which share shape, dtype and device) and choose decay_outer_'s backend. None: the passes
+    need no kernel (a zero gradient, or a float16 / float64 weight)."""
+    if factors is None or matrix.dtype not in KERNEL_DTYPES:
+        return None
+    check_inputs(matrix, *factors, decay, alpha)
+    return choose_backend(matrix, backend)
+
+
+def _matrix(t: Tensor) -> Tensor:
+    """The (rows, -1) matrix of ``t``: a view when ``t`` is contiguous, else a contiguous copy
+    (written back by ``_write_back``)."""
     if t.is_contiguous():
-        update(t.view(t.shape[0], -1))
-        return
-    work = t.reshape(t.shape[0], -1).contiguous()
-    update(work)
-    t.copy_(work.view(t.shape))
+        return t.view(t.shape[0], -1)
+    return t.reshape(t.shape[0], -1).contiguous()
+
+
+def _write_back(t: Tensor, matrix: Tensor) -> None:
+    if not t.is_contiguous():  # ``matrix`` is a copy, not a view
+        t.copy_(matrix.view(t.shape))
 
 
 @torch.no_grad()
@@ -67,18 +84,32 @@ def factored_update_(weight: Tensor, factors: tuple[Tensor, Tensor] | None,
     """One SGD step of ``weight`` whose gradient is ``D^T F`` (``factors``; None: zero gradient)."""
     s = -1.0 if maximize else 1.0
     lr, wd = float(lr), float(weight_decay)
+    momentum, keep = float(momentum), 1.0 - float(dampening)
     shrink = 1.0 - lr * wd
+    for name, value in (("lr", lr), ("weight_decay", wd), ("momentum", momentum),
+                        ("dampening", dampening)):
+        if not math.isfinite(value):
+            raise ValueError(f"factored_update_: {name} = {value} is not finite")
+    if momentum != 0:
+        if momentum_buffer is None:
+            raise ValueError("factored_update_: momentum != 0 needs a momentum buffer")
+        if (momentum_buffer.shape, momentum_buffer.dtype, momentum_buffer.device) \
+                != (weight.shape, weight.dtype, weight.device):
+            raise ValueError(
+                f"factored_update_: the momentum buffer ({tuple(momentum_buffer.shape)}, "
+                f"{momentum_buffer.dtype}, {momentum_buffer.device}) does not match its weight "
+                f"({tuple(weight.shape)}, {weight.dtype}, {weight.device})")
+    w = _matrix(weight)
+    name = _checked_backend(w, factors, shrink, -lr * s, backend)
 
     def outer(t: Tensor, decay: float, alpha: float) -> None:
-        _on_matrix(t, lambda mat: _outer_(mat, factors, decay, alpha, backend))
+        _outer_(t, factors, decay, alpha, name)
 
     if momentum == 0:
-        outer(weight, shrink, -lr * s)
+        outer(w, shrink, -lr * s)
+        _write_back(weight, w)
         return
-    if momentum_buffer is None:
-        raise ValueError("factored_update_: momentum != 0 needs a momentum buffer")
-    buf = momentum_buffer
-    keep = 1.0 - dampening
+    buf = _matrix(momentum_buffer)
     if decoupled_weight_decay:
         if first_step:
             buf.zero_()
@@ -87,18 +118,20 @@ def factored_update_(weight: Tensor, factors: tuple[Tensor, Tensor] | None,
             outer(buf, momentum, keep * s)
     else:
         if first_step:
-            buf.copy_(weight)
+            buf.copy_(w)
             outer(buf, wd, s)
         else:
             outer(buf, momentum, keep * s)
             if wd != 0:
-                buf.add_(weight, alpha=keep * wd)
+                buf.add_(w, alpha=keep * wd)
     if nesterov:
-        outer(weight, shrink, -lr * s)
-        weight.add_(buf, alpha=-lr * momentum)
+        outer(w, shrink, -lr * s)
+        w.add_(buf, alpha=-lr * momentum)
     elif decoupled_weight_decay:
         if shrink != 1.0:
-            weight.mul_(shrink)
-        weight.add_(buf, alpha=-lr)
+            w.mul_(shrink)
+        w.add_(buf, alpha=-lr)
     else:
-        weight.add_(buf, alpha=-lr)
+        w.add_(buf, alpha=-lr)
+    _write_back(momentum_buffer, buf)
+    _write_back(weight, w)
