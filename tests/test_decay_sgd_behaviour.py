@@ -118,7 +118,7 @@ def test_valid_arguments_and_defaults():
     assert opt.defaults["decoupled_weight_decay"] is False
     assert opt.defaults["backend"] == "auto"
     assert DecaySGD(p, backend=None).defaults["backend"] == "auto"
-    for name in ("torch", "triton", "cuda"):  # names are checked, availability only at step time
+    for name in available_backends("cpu"):  # a named backend must run on the params' device
         assert DecaySGD(p, backend=name).defaults["backend"] == name
     # foreach / fused are accepted for drop-in compatibility and change nothing.
     a, b = clone_params(make_params("cpu")), clone_params(make_params("cpu"))
@@ -154,10 +154,22 @@ def test_param_groups_use_their_own_hyperparameters(device, backend):
     for i, (lr, wd) in enumerate(((0.1, 0.01), (0.5, 0.2), (0.05, 0.3))):
         assert opt.decay_factor(i) == pytest.approx(1 - lr * wd, abs=1e-15)
         assert opt.decay_factor(opt.param_groups[i]) == pytest.approx(1 - lr * wd, abs=1e-15)
-    assert opt.decay_factor() == opt.decay_factor(0)
+    # One value per group, in order, like a scheduler's get_last_lr().
+    assert opt.decay_factors() == [opt.decay_factor(i) for i in range(3)]
+    # Without a group the groups must agree: differing ones are never reported as group 0's.
+    with pytest.raises(ValueError, match=r"different decay factors \(group 0: 0\.999, group 1: "
+                                         r"0\.9, group 2: 0\.985\); pass group=") as err:
+        opt.decay_factor()
+    assert "decay_factors()" in str(err.value)
+    with pytest.raises(IndexError, match="no param group 3 \\(there are 3\\)"):
+        opt.decay_factor(3)
+    assert opt.decay_factor(-1) == opt.decay_factor(2)
     opt.param_groups[1]["lr"] = torch.tensor(0.25)
     assert opt.decay_factor(1) == pytest.approx(1 - 0.25 * 0.2)
     assert isinstance(opt.decay_factor(1), float)
+    for g in opt.param_groups:  # groups that agree: the shared factor, as a float
+        g["lr"], g["weight_decay"] = 0.1, 0.5
+    assert opt.decay_factor() == pytest.approx(0.95) and isinstance(opt.decay_factor(), float)
 
 
 def test_add_param_group(device, backend):
@@ -677,29 +689,89 @@ def _spy_backends(monkeypatch):
     return calls
 
 
-def test_explicit_unavailable_backend_raises():
+def test_explicit_unavailable_backend_raises_at_construction():
     p = torch.nn.Parameter(torch.ones(3))  # CPU tensors: the CUDA C++ kernels can never run
-    p.grad = torch.ones(3)
-    opt = DecaySGD([p], lr=0.1, backend="cuda")
     with pytest.raises(BackendUnavailableError) as err:
-        opt.step()
+        DecaySGD([p], lr=0.1, backend="cuda")
     message = str(err.value)
+    assert "param group 0 (param 0 on cpu)" in message
     assert "backend='cuda'" in message and "CUDA device" in message and "'cpu'" in message
     assert isinstance(err.value, RuntimeError)
     assert lowrank_kernels.BackendUnavailableError is BackendUnavailableError
-    assert torch.equal(p.detach(), torch.ones(3))
+    # add_param_group checks the same way, names the group and keeps the optimizer as it was.
+    opt = DecaySGD([p], lr=0.1)
+    q = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(BackendUnavailableError, match="param group 1 \\(param 0 on cpu\\)"):
+        opt.add_param_group({"params": [q], "backend": "cuda"})
+    assert len(opt.param_groups) == 1
+    # Named parameters are named.
+    with pytest.raises(BackendUnavailableError, match="param 0 \\('w'\\) on cpu"):
+        DecaySGD([("w", p)], lr=0.1, backend="cuda")
 
 
-def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+def test_triton_on_cpu_without_interpreter_raises_at_construction(monkeypatch):
     if not backends_mod._importable("triton"):
         pytest.skip("triton is not installed")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     p = torch.nn.Parameter(torch.ones(3))
-    p.grad = torch.ones(3)
-    opt = DecaySGD([p], lr=0.1, backend="triton")
-    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(BackendUnavailableError, match="param group 0.*TRITON_INTERPRET=1"):
+        DecaySGD([p], lr=0.1, backend="triton")
+
+
+def test_unavailable_backend_after_construction_raises_before_any_step(monkeypatch):
+    """A param moved where its group's backend cannot run after construction: the step checks
+    every group first, names the param, its group and its device, and writes nothing."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    c = torch.nn.Parameter(torch.ones(4))
+    opt = DecaySGD([{"params": [a]}, {"params": [b, c], "backend": "torch"}], lr=0.1,
+                   momentum=0.9)
+    opt.param_groups[1]["backend"] = "cuda"  # as a loaded or edited group could say
+    for p in (a, b, c):
+        p.grad = torch.ones_like(p)
+    with pytest.raises(BackendUnavailableError) as err:
         opt.step()
-    assert torch.equal(p.detach(), torch.ones(3))
+    message = str(err.value)
+    assert "DecaySGD param group 1" in message and "param 0, param 1 on cpu" in message
+    assert "no parameter was stepped" in message
+    for p in (a, b, c):
+        assert torch.equal(p.detach(), torch.ones_like(p))
+    assert len(opt.state) == 0  # no momentum buffer was made either
+
+
+def test_group_mixing_devices_fails_before_stepping_any_of_it():
+    """A CPU and a meta param in one group switched to triton after construction: the error
+    names the meta param, and the CPU one (first in the group) is not stepped."""
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton interpreter is not available")
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(2, device="meta"))
+    opt = DecaySGD([a, b], lr=0.1, momentum=0.9, backend="torch")
+    opt.param_groups[0]["backend"] = "triton"
+    a.grad, b.grad = torch.ones(3), torch.ones(2, device="meta")
+    with pytest.raises(BackendUnavailableError, match="param group 0.*param 1 on meta.*'meta'"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.ones(3))
+    assert len(opt.state) == 0
+    # The same in the functional op: the CPU tensor stays as it was.
+    p, g = torch.ones(3), torch.ones(3)
+    with pytest.raises(BackendUnavailableError, match="param 1 on meta"):
+        fused_sgd_step_([p, torch.ones(2, device="meta")], [g, torch.ones(2, device="meta")],
+                        None, lr=0.1, backend="triton")
+    assert torch.equal(p, torch.ones(3))
+
+
+def test_group_mixing_dtypes_fails_before_stepping_any_of_it(device, backend):
+    """float64 has no kernel: an explicit kernel backend rejects the group before its float32
+    param (first in the group) is stepped."""
+    if backend == "torch":
+        pytest.skip("the torch backend steps float64")
+    a = torch.nn.Parameter(torch.ones(3, device=device))
+    b = torch.nn.Parameter(torch.ones(2, device=device, dtype=torch.float64))
+    opt = DecaySGD([a, b], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    with pytest.raises(TypeError, match="param group 0: fused SGD step, param 1 \\(torch.float64"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.ones_like(a))
 
 
 def test_env_var_selects_backend(device, backend, monkeypatch):
@@ -847,7 +919,8 @@ def test_training_tiny_model_matches_torch_sgd(device, backend):
 def test_load_state_dict_keeps_this_optimizers_backend():
     """A state saved with another backend (e.g. "cuda" on a GPU machine) loads anywhere."""
     p = torch.nn.Parameter(torch.ones(3))
-    saved = DecaySGD([p], lr=0.1, backend="cuda").state_dict()
+    saved = DecaySGD([p], lr=0.1, backend="torch").state_dict()
+    saved["param_groups"][0]["backend"] = "cuda"  # as a GPU machine saves it
     opt = DecaySGD([torch.nn.Parameter(torch.ones(3))], lr=0.5, backend="torch")
     opt.load_state_dict(saved)
     assert opt.param_groups[0]["backend"] == "torch" and opt.param_groups[0]["lr"] == 0.1

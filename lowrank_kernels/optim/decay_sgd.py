@@ -17,14 +17,21 @@ import torch
 from torch import nn
 from torch.optim.optimizer import Optimizer
 
-from ..backends import check_backend_name
-from ..ops.sgd_step import fused_sgd_step_
+from ..backends import BackendUnavailableError, check_backend_name, resolve_backend
+from ..ops import sgd_step
 from .factor_capture import FactorCapture, why_not_capturable
 from .factored_step import factored_update_
 
 
 def _scalar(value: Any) -> float:
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _param_label(group: dict[str, Any], i: int) -> str:
+    """How errors name the i-th param of a group: its position, and its name when the group was
+    built from named parameters."""
+    names = group.get("param_names")
+    return f"param {i} ({names[i]!r})" if names is not None else f"param {i}"
 
 
 class DecaySGD(Optimizer):
@@ -105,8 +112,31 @@ class DecaySGD(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_group_backend(group, len(self.param_groups) - 1)
+        except BaseException:
+            self.param_groups.pop()
+            raise
         if group["factored"]:
             self._capture_group(group)
+
+    @staticmethod
+    def _check_group_backend(group: dict[str, Any], index: int) -> None:
+        """A backend named for the group must run on every device of its params: fail here, at
+        construction, rather than at the first step. ("auto" always runs; LOWRANK_BACKEND is
+        read at each step.)"""
+        if group["backend"] == "auto":
+            return
+        devices: dict[torch.device, list[str]] = {}
+        for i, p in enumerate(group["params"]):
+            devices.setdefault(p.device, []).append(_param_label(group, i))
+        for device, labels in devices.items():
+            try:
+                resolve_backend(group["backend"], device)
+            except BackendUnavailableError as exc:
+                shown = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
+                raise BackendUnavailableError(f"DecaySGD param group {index} ({shown} on "
+                                              f"{device}): {exc}") from None
 
     def _capture_group(self, group: dict[str, Any]) -> None:
         if self._model is None:
@@ -125,6 +155,8 @@ class DecaySGD(Optimizer):
             self._anchor = torch.zeros((), requires_grad=True)
         dense_weights = []
         for p in group["params"]:
+            if p in self._captures:  # listed twice: one capture, stepped once per occurrence
+                continue
             found = owners.get(id(p), [])
             if not found:
                 raise ValueError("DecaySGD(factored=True): a parameter of the group is not a "
@@ -189,10 +221,32 @@ class DecaySGD(Optimizer):
         self.__dict__.setdefault("_captures", {})
         self.__dict__.setdefault("_anchor", None)
 
-    def decay_factor(self, group: dict | int = 0) -> float:
-        """Per-step weight shrink ``1 - lr * wd`` of a param group (the papers' 1 - 2*mu*lam)."""
+    def decay_factors(self) -> list[float]:
+        """Per-step weight shrink ``1 - lr * wd`` of each param group, in order (like a
+        scheduler's ``get_last_lr()``)."""
+        return [self._group_decay(g) for g in self.param_groups]
+
+    def decay_factor(self, group: dict | int | None = None) -> float:
+        """Per-step weight shrink ``1 - lr * wd`` (the papers' 1 - 2*mu*lam) of one param group,
+        given by index or as the group dict. Without ``group``, the factor shared by every group;
+        when the groups differ (e.g. biases without weight decay) that raises ValueError: pass
+        ``group=`` or use ``decay_factors()``."""
+        if group is None:
+            factors = self.decay_factors()
+            if len(set(factors)) > 1:
+                listed = ", ".join(f"group {i}: {f:.6g}" for i, f in enumerate(factors))
+                raise ValueError(f"DecaySGD.decay_factor(): the param groups have different decay "
+                                 f"factors ({listed}); pass group=<index> or use decay_factors()")
+            return factors[0]
         if isinstance(group, int):
+            if not -len(self.param_groups) <= group < len(self.param_groups):
+                raise IndexError(f"DecaySGD.decay_factor: no param group {group} (there are "
+                                 f"{len(self.param_groups)})")
             group = self.param_groups[group]
+        return self._group_decay(group)
+
+    @staticmethod
+    def _group_decay(group: dict) -> float:
         return 1.0 - _scalar(group["lr"]) * _scalar(group["weight_decay"])
 
     @torch.no_grad()
@@ -208,31 +262,56 @@ class DecaySGD(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            if group["factored"]:  # the captured weights; the rest of the group below
-                self._factored_step(group, grad_scale, found_inf)
-            params, grads, buffers, first_step = self._init_group(group)
+        # Check every group before stepping any, so an error leaves the params and the state as
+        # they were.
+        plans = [self._plan_group(i, group, grad_scale, found_inf)
+                 for i, group in enumerate(self.param_groups)]
+        for group, (stepping, params, grads, launches) in zip(self.param_groups, plans):
+            if stepping:  # the captured weights; the rest of the group below
+                self._factored_step(group, stepping)
             if not params:
                 continue
-            fused_sgd_step_(
-                params, grads, buffers if group["momentum"] != 0 else None,
+            buffers, first_step = self._momentum_buffers(group, params)
+            sgd_step.run_launches(
+                launches, params, grads, buffers, first_step,
                 lr=group["lr"], weight_decay=_scalar(group["weight_decay"]),
                 momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                first_step=first_step, grad_scale=grad_scale, found_inf=found_inf,
-                backend=group["backend"],
-            )
+                grad_scale=grad_scale, found_inf=found_inf)
         return loss
 
-    def _factored_step(self, group, grad_scale, found_inf) -> None:
+    def _plan_group(self, index, group, grad_scale, found_inf):
+        """Check a group's step without writing anything: (the factored weights to step, the
+        dense params, their grads, their launches)."""
+        try:
+            stepping = self._check_factored(group, grad_scale, found_inf) \
+                if group["factored"] else []
+            params, grads, labels = self._init_group(group)
+            if not params:
+                return stepping, params, grads, []
+            sgd_step.check_inputs(params, grads, labels=labels)
+            if group["momentum"] != 0:
+                for p, label in zip(params, labels):
+                    buffer = self.state[p].get("momentum_buffer") if p in self.state else None
+                    if buffer is not None:
+                        sgd_step.check_buffer(p, buffer, label)
+            launches = sgd_step.plan_launches(params, group["backend"], labels=labels)
+        except (BackendUnavailableError, TypeError, ValueError, RuntimeError) as exc:
+            raise type(exc)(f"DecaySGD param group {index}: {exc} (no parameter was stepped)") \
+                from None
+        return stepping, params, grads, launches
+
+    def _check_factored(self, group, grad_scale, found_inf) -> list[torch.Tensor]:
+        """The captured weights of a factored group that have factors to step, after the checks
+        that can fail."""
         stepping = [p for p in group["params"] if p in self._captures and self._captures[p].active]
         if not self._captures and any(p.grad is None and not p.requires_grad
                                       for p in group["params"]):
             raise RuntimeError("DecaySGD: this factored optimizer has no capture hooks (it was "
                                "copied or unpickled); build it again with model=...")
         if not stepping:
-            return
+            return stepping
         if grad_scale is not None or found_inf is not None:
             raise RuntimeError("DecaySGD(factored=True) does not support GradScaler loss scaling "
                                "(fp16 AMP); use bf16 autocast, which needs no scaler, or "
@@ -241,44 +320,67 @@ class DecaySGD(Optimizer):
                 and torch.distributed.get_world_size() > 1:
             raise RuntimeError("DecaySGD(factored=True) does not support data-parallel training "
                                "(the factors are not all-reduced); use factored=False under DDP")
-        lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])  # once per group
         for p in stepping:
             if p.grad is not None or p.requires_grad:
                 raise RuntimeError("DecaySGD(factored=True): a factored weight requires grad or "
                                    "has a .grad (was requires_grad switched back on?); call "
                                    "detach_factored() to return it to the dense step")
+        for device in {p.device for p in stepping}:
+            resolve_backend(group["backend"], device, op="decay_outer")
+        return stepping
+
+    def _factored_step(self, group, stepping) -> None:
+        lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])  # once per group
+        # A weight listed twice is stepped twice, as torch.optim.SGD does: each occurrence on
+        # the first step starts its buffer from the gradient (torch's first-step rule).
+        first = {p: self.state[p].get("momentum_buffer") is None for p in stepping}
+        factors: dict[torch.Tensor, Any] = {}
+        for p in stepping:
             state = self.state[p]
-            factors = self._captures[p].factors(dtype=p.dtype)
-            first = state.get("momentum_buffer") is None
-            if group["momentum"] != 0 and first:
+            if p not in factors:
+                factors[p] = self._captures[p].factors(dtype=p.dtype)
+            if group["momentum"] != 0 and state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             factored_update_(
-                p, factors, state.get("momentum_buffer"), first_step=first,
+                p, factors[p], state.get("momentum_buffer"), first_step=first[p],
                 lr=lr, weight_decay=weight_decay, momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"], backend=group["backend"])
 
     def _init_group(self, group):
-        params, grads, buffers, first_step = [], [], [], []
-        for p in group["params"]:
+        """The dense params of a group that have a gradient, their grads and their labels for
+        errors; writes nothing."""
+        params, grads, labels = [], [], []
+        for i, p in enumerate(group["params"]):
             if p.grad is None or p in self._captures:
                 continue
             if p.grad.is_sparse:
-                raise RuntimeError("DecaySGD does not support sparse gradients "
-                                   "(use torch.optim.SparseAdam or torch.optim.SGD for them)")
+                raise RuntimeError(f"{_param_label(group, i)}: DecaySGD does not support sparse "
+                                   "gradients (use torch.optim.SparseAdam or torch.optim.SGD "
+                                   "for them)")
             if p.is_complex():
-                raise RuntimeError("DecaySGD does not support complex parameters; "
-                                   "optimize torch.view_as_real(param) instead")
+                raise RuntimeError(f"{_param_label(group, i)}: DecaySGD does not support complex "
+                                   "parameters; optimize torch.view_as_real(param) instead")
             params.append(p)
             grads.append(p.grad)
-            if group["momentum"] != 0:
-                state = self.state[p]
-                buffer = state.get("momentum_buffer")
-                first_step.append(buffer is None)
-                if buffer is None:
-                    buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["momentum_buffer"] = buffer
-                buffers.append(buffer)
-            else:
-                first_step.append(False)
-        return params, grads, buffers, first_step
+            labels.append(_param_label(group, i))
+        return params, grads, labels
+
+    def _momentum_buffers(self, group, params):
+        """(buffers, first-step flags) of the dense params, making the missing buffers. A param
+        listed twice shares its one buffer, and every occurrence has the flag its buffer had
+        before this step: torch.optim.SGD starts each occurrence from the gradient on the first
+        step, and keeps the last one's buffer, which is what this step's second write leaves."""
+        if group["momentum"] == 0:
+            return None, None
+        buffers, first_step, made = [], [], set()
+        for p in params:
+            state = self.state[p]
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = buffer
+                made.add(p)
+            first_step.append(p in made)
+            buffers.append(buffer)
+        return buffers, first_step
