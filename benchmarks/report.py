@@ -7,10 +7,10 @@ Prints the report and writes it as markdown + JSON into ``benchmarks/results/`` 
 named ``report_<device kind>_<UTC date-time>``. The header records the environment and the
 device's measured copy bandwidth, against which memory-bound ops are judged.
 
-The sections live one per op in ``section_<op>.py`` (framework: ``report_core.py``); every
+The sections live one per op in ``<op>/section.py`` (framework: ``report_core.py``); every
 section runs, in ``SECTION_MODULES`` order, unless ``--sections`` picks some.
 
-``--headline`` keeps only the headline rows (each ``*_cases.py`` names its own: the step vs
+``--headline`` keeps only the headline rows (each ``<op>/cases.py`` names its own: the step vs
 ``torch.optim.SGD(fused=True)``, decay_outer_ vs ``addmm_``, the ResNet-18 spectra vs the svdvals
 loop and ``svd_lowrank``, the training step with and without tracking); ``--rest`` runs every
 other row. ``--timer do_bench`` times the rows a section times through ``Context.time`` with
@@ -34,8 +34,8 @@ import runner  # noqa: E402
 from report_core import SECTIONS, TIMING, Context  # noqa: E402
 
 # Importing a section module registers its sections; the order here is the report's order.
-SECTION_MODULES = ("section_sgd_step", "section_spectra", "section_decay_outer",
-                   "section_factored_step", "section_simulate", "section_training")
+SECTION_MODULES = ("sgd_step.section", "spectra.section", "decay_outer.section",
+                   "factored_step.section", "simulate.section", "training_step.section")
 for _module in SECTION_MODULES:
     importlib.import_module(_module)
 

@@ -1,8 +1,8 @@
 """The report's framework: the timing context, a section's table, and the registry of sections.
 
 A section is a function taking the ``Context`` and returning a ``Section`` (title, columns, rows,
-notes). Each op keeps its section in a ``section_<op>.py`` module of this directory, registered
-with::
+notes). Each op keeps its section in the ``section.py`` of its folder (``<op>/section.py``),
+registered with::
 
     @register_section("my_op")
     def my_op_section(ctx: Context) -> Section:

@@ -58,10 +58,10 @@ def test_dry_run_writes_at_most_eight_files(dry_run):
 def test_headline_selection_names_real_contenders():
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import decay_outer_cases
-        import sgd_step_cases
-        import spectra_cases
-        import training_cases
+        from decay_outer import cases as decay_outer_cases
+        from sgd_step import cases as sgd_step_cases
+        from spectra import cases as spectra_cases
+        from training_step import cases as training_cases
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     assert sgd_step_cases.HEADLINE <= set(sgd_step_cases.BY_KEY)

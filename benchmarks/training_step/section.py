@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import runner
-import training_cases as cases
 from report_core import Context, Section, free, register_section
+
+from . import cases
 
 COLUMNS: list[runner.Column] = [
     ("contender", "contender", ""),

@@ -2,11 +2,11 @@
 matrices, ours (exact, randomized, adaptive) against torch.linalg.svdvals (loop and batched),
 torch.svd_lowrank and, on a GPU, cupy.linalg.svd.
 
-    python -m pytest benchmarks/bench_spectra.py --benchmark-only
-    python -m pytest benchmarks/bench_spectra.py --benchmark-only -k resnet18
+    python -m pytest benchmarks/spectra/bench.py --benchmark-only
+    python -m pytest benchmarks/spectra/bench.py --benchmark-only -k resnet18
 
 One benchmark per (matrix set, contender), grouped by matrix set. Matrix sets and contenders are
-the report's (``spectra_cases.py``): the 21 weight matrices of a CIFAR ResNet-18 and the 48 of a
+the report's (``cases.py``): the 21 weight matrices of a CIFAR ResNet-18 and the 48 of a
 12-layer, 768-wide Transformer (its first 5 layers on the CPU), trained-like float32 matrices. On
 a GPU every round ends with ``torch.cuda.synchronize()`` so the wall time covers the kernels.
 Each benchmark's ``extra_info`` holds the accuracy against float64 LAPACK (top-64 relative error,
@@ -15,16 +15,13 @@ threshold-rank agreement). Contenders that cannot run here are skipped with the 
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import runner
 
-import runner  # noqa: E402
-import spectra_cases as cases  # noqa: E402
+from . import cases
 
 DEVICE = runner.default_device()
 ON_GPU = DEVICE.type == "cuda"

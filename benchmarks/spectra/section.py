@@ -1,13 +1,14 @@
 """Report section: spectra and rank measures of a model's weight matrices, ours against torch's
-(and CuPy's) SVDs. Matrix sets, contenders and accuracy: ``spectra_cases.py``."""
+(and CuPy's) SVDs. Matrix sets, contenders and accuracy: ``cases.py``."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
 import runner
-import spectra_cases as cases
 from report_core import Context, Section, free, register_section
+
+from . import cases
 
 SPECTRA_COLUMNS: list[runner.Column] = [
     ("matrix_set", "matrix set", ""),
@@ -131,7 +132,7 @@ def spectra_section(ctx: Context) -> Section:
         "the same measure code). resnet18_cifar = its 20 convs + fc (21 matrices, 12 shapes); "
         "transformer_d768 = in_proj, out_proj, fc1, fc2 of 12 layers (48 matrices); "
         "trained-like spectra (power law with a per-layer rank collapse over a 1e-5 floor), "
-        "seeded; see spectra_cases.py.",
+        "seeded; see benchmarks/spectra/cases.py.",
         f"ours randomized: k={cases.K}, oversample {cases.OVERSAMPLE}, {cases.POWER_ITERS} power "
         f"iterations (matrices with min side <= {cases.K + cases.OVERSAMPLE} go exact); adaptive: k "
         f"doubles until s_k / ||W||_F < {cases.EPS:g}. torch.svd_lowrank: niter="

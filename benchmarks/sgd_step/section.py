@@ -5,8 +5,9 @@ from typing import Any
 
 import param_sets
 import runner
-import sgd_step_cases as sgd_cases
 from report_core import Context, Section, free, register_section
+
+from . import cases
 
 
 SGD_COLUMNS: list[runner.Column] = [
@@ -30,19 +31,19 @@ def sgd_step_section(ctx: Context) -> Section:
     rows: list[dict[str, Any]] = []
     for ps in param_sets.param_sets_for(ctx.device):
         params = param_sets.materialize(ps, ctx.device)
-        moved = sgd_cases.bytes_per_step(ps.n_params)
+        moved = cases.bytes_per_step(ps.n_params)
         set_rows = []
-        for c in sgd_cases.ALL_CONTENDERS:
-            if not ctx.wants(headline=c.key in sgd_cases.HEADLINE):
+        for c in cases.ALL_CONTENDERS:
+            if not ctx.wants(headline=c.key in cases.HEADLINE):
                 continue
             row: dict[str, Any] = {"param_set": ps.name, "n_tensors": ps.n_tensors,
                                    "n_params": ps.n_params, "contender": c.label, "key": c.key,
                                    "bytes_per_step": moved}
-            reason = sgd_cases.why_skipped(c, ctx.device)
+            reason = cases.why_skipped(c, ctx.device)
             opt = None
             if reason is None:
                 try:
-                    opt = sgd_cases.prepare(c, params)
+                    opt = cases.prepare(c, params)
                 except (RuntimeError, ValueError, TypeError) as exc:
                     reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
             if reason is not None:
@@ -58,17 +59,17 @@ def sgd_step_section(ctx: Context) -> Section:
             row["frac_copy_bw"] = bytes_per_s / ctx.copy_bytes_per_s
             set_rows.append(row)
         anchors = {r["key"]: r["median_ms"] for r in set_rows
-                   if sgd_cases.BY_KEY[r["key"]].anchor and "median_ms" in r}
+                   if cases.BY_KEY[r["key"]].anchor and "median_ms" in r}
         for r in set_rows:
-            for a in sgd_cases.ANCHORS:
+            for a in cases.ANCHORS:
                 r[f"vs_{a.key}"] = (anchors[a.key] / r["median_ms"]
                                     if a.key in anchors and "median_ms" in r else None)
         rows += set_rows
         del params
         free(ctx.device)
     notes = [
-        f"lr={sgd_cases.HYPER['lr']}, momentum={sgd_cases.HYPER['momentum']}, "
-        f"weight_decay={sgd_cases.HYPER['weight_decay']}, fp32; timed after a warm-up step "
+        f"lr={cases.HYPER['lr']}, momentum={cases.HYPER['momentum']}, "
+        f"weight_decay={cases.HYPER['weight_decay']}, fp32; timed after a warm-up step "
         f"(momentum buffers exist); {ctx.warmup} untimed + {ctx.repeat} timed steps per row.",
         "× for-loop / × foreach / × fused = anchor's median time / this row's: > 1 means this "
         "row is faster than that torch.optim.SGD variant.",

@@ -1,5 +1,5 @@
 """Report section: decay_outer_ against torch.addmm_ and the unfused GEMM + SGD step, with the
-roofline of one pass over W (contenders and sizes: decay_outer_cases.py)."""
+roofline of one pass over W (contenders and sizes: cases.py)."""
 from __future__ import annotations
 
 import time
@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-import decay_outer_cases as cases
 import runner
 from report_core import Context, Section, free, register_section
+
+from . import cases
 
 COLUMNS: list[runner.Column] = [
     ("dtype", "dtype", ""),

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import factored_step_cases as cases
 import runner
 from report_core import Context, Section, free, register_section
+
+from . import cases
 
 COLUMNS: list[runner.Column] = [
     ("model", "model", ""),

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # training/ is a folder of the repository, not of the package
     sys.path.insert(0, str(REPO_ROOT))
 

@@ -27,7 +27,7 @@ import torch
 
 from lowrank_kernels import decay_outer_
 from lowrank_kernels.backends import BACKENDS
-from sgd_step_cases import why_backend_skipped
+from sgd_step.cases import why_backend_skipped
 
 KS = (1, 8, 32, 128, 512)
 DTYPES = (torch.float32, torch.bfloat16)

@@ -1,10 +1,10 @@
 """pytest-benchmark suite of the SGD step: DecaySGD's backends against torch.optim.SGD.
 
-    python -m pytest benchmarks/bench_sgd_step.py --benchmark-only
+    python -m pytest benchmarks/sgd_step/bench.py --benchmark-only
     python -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/bench.json
 
 One benchmark per (param set, contender), grouped by param set. Contenders and param sets are
-the report's (``sgd_step_cases.py``, ``param_sets.py``): lr=0.1, momentum=0.9, weight_decay=5e-4,
+the report's (``cases.py``, ``param_sets.py``): lr=0.1, momentum=0.9, weight_decay=5e-4,
 fp32, timed after a warm-up step. On a GPU every round ends with ``torch.cuda.synchronize()`` so
 the wall time covers the kernels; the 124M-param set runs there only, the CPU runs the reduced
 one and a few rounds. Contenders that cannot run here are skipped with the reason.
@@ -12,17 +12,14 @@ one and a few rounds. Contenders that cannot run here are skipped with the reaso
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import param_sets
+import runner
 
-import param_sets  # noqa: E402
-import runner  # noqa: E402
-import sgd_step_cases as cases  # noqa: E402
+from . import cases
 
 DEVICE = runner.default_device()
 ON_GPU = DEVICE.type == "cuda"

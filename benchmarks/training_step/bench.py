@@ -1,9 +1,9 @@
 """pytest-benchmark suite: one ResNet-18 training step, DecaySGD vs torch SGD fused, with and
 without rank tracking.
 
-    python -m pytest benchmarks/bench_training.py --benchmark-only
+    python -m pytest benchmarks/training_step/bench.py --benchmark-only
 
-Model, data, batch and hyper-parameters: ``training_cases.py``. A round is a block of steps that
+Model, data, batch and hyper-parameters: ``cases.py``. A round is a block of steps that
 holds a whole number of tracking periods (100 steps on a GPU), so a RankTracker recording every
 100 steps is charged for its records; ``extra_info["ms_per_step"]`` is the block time over its
 steps. On the CPU a block is 2 steps and the every-100 contender is skipped (a block of 100
@@ -13,16 +13,13 @@ with ``torch.cuda.synchronize()``.
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import runner
 
-import runner  # noqa: E402
-import training_cases as cases  # noqa: E402
+from . import cases
 
 DEVICE = runner.default_device()
 ON_GPU = DEVICE.type == "cuda"

@@ -1,11 +1,11 @@
 """pytest-benchmark suite of decay_outer_: the op's backends against torch.addmm_ and the unfused
 weight-gradient GEMM + SGD step.
 
-    python -m pytest benchmarks/bench_decay_outer.py --benchmark-only
+    python -m pytest benchmarks/decay_outer/bench.py --benchmark-only
     python -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/bench.json
 
 One benchmark per (dtype, K, contender), grouped by (dtype, K). Contenders and sizes are the
-report's (``decay_outer_cases.py``): m = n = 4096 on a GPU, 1024 on the CPU, K in
+report's (``decay_outer/cases.py``): m = n = 4096 on a GPU, 1024 on the CPU, K in
 {1, 8, 32, 128, 512}, float32 and bfloat16, each contender cycling through its own copies of W.
 On a GPU every round ends with ``torch.cuda.synchronize()`` so the wall time covers the kernel.
 Contenders that cannot run here, or that take longer than a few seconds a call on the CPU, are
@@ -14,17 +14,14 @@ skipped with the reason.
 from __future__ import annotations
 
 import gc
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import runner
 
-import decay_outer_cases as cases  # noqa: E402
-import runner  # noqa: E402
+from . import cases
 
 DEVICE = runner.default_device()
 ON_GPU = DEVICE.type == "cuda"

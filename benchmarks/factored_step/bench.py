@@ -1,23 +1,20 @@
 """pytest-benchmark suite: one MLP training step, DecaySGD factored vs dense vs torch SGD fused.
 
-    python -m pytest benchmarks/bench_factored_step.py --benchmark-only
+    python -m pytest benchmarks/factored_step/bench.py --benchmark-only
 
-Model, batch and hyper-parameters: ``factored_step_cases.py``. On a GPU every round ends with
+Model, batch and hyper-parameters: ``cases.py``. On a GPU every round ends with
 ``torch.cuda.synchronize()``.
 """
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import runner
 
-import factored_step_cases as cases  # noqa: E402
-import runner  # noqa: E402
+from . import cases
 
 DEVICE = runner.default_device()
 ON_GPU = DEVICE.type == "cuda"
