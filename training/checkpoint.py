@@ -5,6 +5,8 @@
   complete new one, never a torn one; a crash mid-write leaves the previous file untouched.
 * ``save_checkpoint(run_dir, epoch, state, keep)``: ``checkpoints/epoch_0007.pt`` written that way,
   then all but the newest ``keep`` removed (only after the new one is safely in place).
+* ``load_latest_readable(run_dir)``: the newest checkpoint that loads, skipping (and naming)
+  unreadable newer ones.
 * ``load_checkpoint(path)``: ``torch.load(..., weights_only=True)``: checkpoints hold only tensors,
   numbers, strings, lists and dicts, so nothing in them can run code while loading.
 * ``rng_state()`` / ``set_rng_state()``: Python, numpy, torch CPU and CUDA generators in that
@@ -170,6 +172,28 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} has checkpoint format version {state.get('version')}, "
                               f"this code reads version {FORMAT_VERSION}")
     return state
+
+
+def load_latest_readable(run_dir: str | os.PathLike, log: Callable[[str], None] = print,
+                         map_location="cpu") -> dict | None:
+    """The newest checkpoint of ``run_dir`` that loads, or None when it has none. One that does
+    not load (truncated by a crash outside ``atomic_write``, a full disk, a bad copy) is skipped
+    for the next older one, saying so through ``log``; CheckpointError when none loads."""
+    found = list_checkpoints(run_dir)
+    failures = []
+    for _, path in reversed(found):
+        try:
+            state = load_checkpoint(path, map_location=map_location)
+        except CheckpointError as err:
+            failures.append(str(err))
+            continue
+        if failures:
+            log(f"warning: skipped {len(failures)} unreadable checkpoint(s) ({'; '.join(failures)}); "
+                f"resuming from the newest readable one, {path.name}")
+        return state
+    if failures:
+        raise CheckpointError(f"no checkpoint of {run_dir} can be loaded: " + "; ".join(failures))
+    return None
 
 
 def resolve_resume(target: str | os.PathLike) -> Path:
