@@ -17,7 +17,7 @@ parameter's dtype, like ``torch.optim.SGD``'s, so state dicts move between the t
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -99,7 +99,7 @@ class Launch(NamedTuple):
 
 
 def plan_launches(params: list[torch.Tensor], backend: str | None = "auto",
-                  labels: list[str] | None = None) -> list[Launch]:
+                  labels: Sequence[str] | None = None) -> list[Launch]:
     """The launches of one step over ``params``, in order, each with its concrete backend.
 
     One launch per (device, dtype); raises (BackendUnavailableError, TypeError) for a group that
@@ -108,14 +108,18 @@ def plan_launches(params: list[torch.Tensor], backend: str | None = "auto",
     loop does: its k-th occurrences go to the k-th round of launches (one launch never holds a
     tensor twice, where its programs would race on the same memory). ``labels`` name the params
     in errors (default: their positions)."""
-    rounds: list[dict[tuple[torch.device, torch.dtype], list[int]]] = []
-    seen: dict[int, int] = {}
-    for i, p in enumerate(params):
-        occurrence = seen.get(id(p), 0)
-        seen[id(p)] = occurrence + 1
-        if occurrence == len(rounds):
-            rounds.append({})
-        rounds[occurrence].setdefault((p.device, p.dtype), []).append(i)
+    rounds: list[dict[tuple[torch.device, torch.dtype], list[int]]] = [{}]
+    if len({id(p) for p in params}) == len(params):
+        for i, p in enumerate(params):
+            rounds[0].setdefault((p.device, p.dtype), []).append(i)
+    else:
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            occurrence = seen.get(id(p), 0)
+            seen[id(p)] = occurrence + 1
+            if occurrence == len(rounds):
+                rounds.append({})
+            rounds[occurrence].setdefault((p.device, p.dtype), []).append(i)
     explicit = (backend or "auto") != "auto"
     names: dict[tuple[torch.device, torch.dtype], str] = {}
     launches = []
@@ -142,16 +146,16 @@ def _backend_for(backend, explicit, device, dtype, which: str) -> str:
     return name
 
 
-def _label(i: int, labels: list[str] | None) -> str:
+def _label(i: int, labels: Sequence[str] | None) -> str:
     return labels[i] if labels is not None else f"param {i}"
 
 
-def _which(index: list[int], labels: list[str] | None) -> str:
+def _which(index: list[int], labels: Sequence[str] | None) -> str:
     return ", ".join(_label(i, labels) for i in index[:6]) + (", ..." if len(index) > 6 else "")
 
 
 def check_inputs(params, grads, momentum_buffers=None, *, momentum=0.0, first_step=None,
-                 labels: list[str] | None = None) -> None:
+                 labels: Sequence[str] | None = None) -> None:
     """Raise a clear error, naming the param (``labels``, default its position), for anything
     the fused step cannot take."""
     if len(params) != len(grads):
@@ -178,13 +182,15 @@ def check_inputs(params, grads, momentum_buffers=None, *, momentum=0.0, first_st
             raise TypeError(f"{_label(i, labels)}: grad is {g.dtype} on {g.device} but param is "
                             f"{p.dtype} on {p.device}")
         if momentum != 0:
-            check_buffer(p, momentum_buffers[i], _label(i, labels))
+            check_buffer(p, momentum_buffers[i], i, labels)
 
 
-def check_buffer(p: torch.Tensor, b: torch.Tensor, label: str) -> None:
+def check_buffer(p: torch.Tensor, b: torch.Tensor, i: int,
+                 labels: Sequence[str] | None = None) -> None:
+    """A momentum buffer must match its param (the i-th, named by ``labels``)."""
     if b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-        raise TypeError(f"{label}: momentum buffer must match its param in shape, dtype and "
-                        f"device; got {tuple(b.shape)} {b.dtype} {b.device} for a param "
+        raise TypeError(f"{_label(i, labels)}: momentum buffer must match its param in shape, "
+                        f"dtype and device; got {tuple(b.shape)} {b.dtype} {b.device} for a param "
                         f"{tuple(p.shape)} {p.dtype} {p.device}")
 
 

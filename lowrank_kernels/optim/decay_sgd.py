@@ -3,7 +3,8 @@
 Weight decay follows PyTorch: ``weight_decay=wd`` adds ``wd * W`` to the gradient, so the
 per-step shrink of the weights is ``1 - lr * wd``. The papers behind this library write the
 penalty as ``lam * ||W||_F^2`` with step size ``mu``, whose shrink is ``1 - 2 * mu * lam``: their
-``lam`` is ``wd / 2`` here (``wd = 2 * lam``). ``decay_factor()`` returns the shrink.
+``lam`` is ``wd / 2`` here (``wd = 2 * lam``). ``decay_factors()`` returns the shrink of each
+param group, ``decay_factor(group)`` that of one.
 
 Factored mode (``factored=True``, per param group, with ``model=``) applies the step of each
 Linear / Conv2d weight straight from the layer's per-example factors, see ``factored_step.py``.
@@ -34,6 +35,16 @@ def _param_label(group: dict[str, Any], i: int) -> str:
     return f"param {i} ({names[i]!r})" if names is not None else f"param {i}"
 
 
+class _Labels:
+    """The labels of a group's stepped params, made only when an error needs one."""
+
+    def __init__(self, group: dict[str, Any], positions: list[int]):
+        self.group, self.positions = group, positions
+
+    def __getitem__(self, i: int) -> str:
+        return _param_label(self.group, self.positions[i])
+
+
 class DecaySGD(Optimizer):
     """Stochastic gradient descent with momentum and weight decay, fused into one launch.
 
@@ -43,7 +54,8 @@ class DecaySGD(Optimizer):
     * ``decoupled_weight_decay``: shrink the weights by ``1 - lr * wd`` apart from the gradient
       (the SGDW form) instead of adding ``wd * W`` to it.
     * ``backend``: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see
-      ``lowrank_kernels.backends``), per parameter group.
+      ``lowrank_kernels.backends``), per parameter group. A named backend must run on the
+      devices of its group's params: BackendUnavailableError at construction otherwise.
     * ``factored`` (per parameter group) with ``model``: the weights of the model's ``nn.Linear``
       and ``nn.Conv2d`` layers in such a group are stepped from the captured layer inputs and
       output gradients, ``W <- (1 - lr*wd) W - lr * D^T F`` (``lowrank_kernels.decay_outer_``),
@@ -52,6 +64,12 @@ class DecaySGD(Optimizer):
       decay, maximize) is exact in this form, through the dense momentum buffer. Other params
       (biases, norms, unsupported layers: a warning names them) take the fused dense step. See
       ``lowrank_kernels/optim/factored_step.py`` for the rules and limits.
+
+    ``step()`` checks every param group before it steps any: an error (a backend that cannot run
+    where a param now is, a dtype it does not take, a grad that does not match) names the group,
+    the params and their device, and leaves the params and the state as they were. A param
+    listed twice in a group is stepped once per occurrence, as ``torch.optim.SGD``'s
+    single-tensor step does (it warns at construction).
 
     ``foreach`` and ``fused`` are accepted so code written for ``torch.optim.SGD`` runs unchanged;
     they change nothing, the step is always fused. ``differentiable=True`` is not supported.
@@ -266,12 +284,12 @@ class DecaySGD(Optimizer):
         # they were.
         plans = [self._plan_group(i, group, grad_scale, found_inf)
                  for i, group in enumerate(self.param_groups)]
-        for group, (stepping, params, grads, launches) in zip(self.param_groups, plans):
+        for group, (stepping, params, grads, buffers, launches) in zip(self.param_groups, plans):
             if stepping:  # the captured weights; the rest of the group below
                 self._factored_step(group, stepping)
             if not params:
                 continue
-            buffers, first_step = self._momentum_buffers(group, params)
+            first_step = self._make_missing_buffers(params, buffers)
             sgd_step.run_launches(
                 launches, params, grads, buffers, first_step,
                 lr=group["lr"], weight_decay=_scalar(group["weight_decay"]),
@@ -287,20 +305,25 @@ class DecaySGD(Optimizer):
         try:
             stepping = self._check_factored(group, grad_scale, found_inf) \
                 if group["factored"] else []
-            params, grads, labels = self._init_group(group)
+            params, grads, positions = self._init_group(group)
             if not params:
-                return stepping, params, grads, []
-            sgd_step.check_inputs(params, grads, labels=labels)
-            if group["momentum"] != 0:
-                for p, label in zip(params, labels):
-                    buffer = self.state[p].get("momentum_buffer") if p in self.state else None
-                    if buffer is not None:
-                        sgd_step.check_buffer(p, buffer, label)
+                return stepping, params, grads, None, []
+            labels = _Labels(group, positions)
+            buffers = None
+            if group["momentum"] != 0:  # the buffers there are (None: made by this step)
+                state = self.state
+                buffers = [state[p].get("momentum_buffer") if p in state else None
+                           for p in params]
+            # A missing buffer is checked as its param, which the one made will match.
+            sgd_step.check_inputs(
+                params, grads, None if buffers is None else
+                [b if b is not None else p for b, p in zip(buffers, params)],
+                momentum=group["momentum"], labels=labels)
             launches = sgd_step.plan_launches(params, group["backend"], labels=labels)
         except (BackendUnavailableError, TypeError, ValueError, RuntimeError) as exc:
             raise type(exc)(f"DecaySGD param group {index}: {exc} (no parameter was stepped)") \
                 from None
-        return stepping, params, grads, launches
+        return stepping, params, grads, buffers, launches
 
     def _check_factored(self, group, grad_scale, found_inf) -> list[torch.Tensor]:
         """The captured weights of a factored group that have factors to step, after the checks
@@ -348,9 +371,9 @@ class DecaySGD(Optimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"], backend=group["backend"])
 
     def _init_group(self, group):
-        """The dense params of a group that have a gradient, their grads and their labels for
-        errors; writes nothing."""
-        params, grads, labels = [], [], []
+        """The dense params of a group that have a gradient, their grads and their positions in
+        the group (for errors); writes nothing."""
+        params, grads, positions = [], [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None or p in self._captures:
                 continue
@@ -363,24 +386,24 @@ class DecaySGD(Optimizer):
                                    "parameters; optimize torch.view_as_real(param) instead")
             params.append(p)
             grads.append(p.grad)
-            labels.append(_param_label(group, i))
-        return params, grads, labels
+            positions.append(i)
+        return params, grads, positions
 
-    def _momentum_buffers(self, group, params):
-        """(buffers, first-step flags) of the dense params, making the missing buffers. A param
-        listed twice shares its one buffer, and every occurrence has the flag its buffer had
-        before this step: torch.optim.SGD starts each occurrence from the gradient on the first
-        step, and keeps the last one's buffer, which is what this step's second write leaves."""
-        if group["momentum"] == 0:
-            return None, None
-        buffers, first_step, made = [], [], set()
-        for p in params:
-            state = self.state[p]
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["momentum_buffer"] = buffer
-                made.add(p)
-            first_step.append(p in made)
-            buffers.append(buffer)
-        return buffers, first_step
+    def _make_missing_buffers(self, params, buffers):
+        """Fill the missing (None) momentum buffers in place and return the first-step flags
+        (None without momentum). A param listed twice shares its one buffer, and every occurrence
+        has the flag its buffer had before this step: torch.optim.SGD starts each occurrence from
+        the gradient on the first step and keeps the last one's buffer, which is what this step's
+        second write leaves."""
+        if buffers is None:
+            return None
+        made: dict[torch.Tensor, torch.Tensor] = {}
+        first_step = [False] * len(params)
+        for i, (p, buffer) in enumerate(zip(params, buffers)):
+            if buffer is not None:
+                continue
+            if p not in made:
+                made[p] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["momentum_buffer"] = made[p]
+            buffers[i], first_step[i] = made[p], True
+        return first_step
