@@ -32,7 +32,8 @@ from torch import nn
 from .spectral import all_measures, singular_values, tracked_matrices
 from .tracker import format_table, galanti_resnet18_layers
 
-COLUMNS = ("threshold_rank", "effective_rank", "normalized_effective_rank", "stable_rank", "spectral_norm")
+COLUMNS = ("threshold_rank", "effective_rank", "normalized_effective_rank", "stable_rank", "spectral_norm",
+           "frobenius_norm")
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict")
 
 
@@ -47,6 +48,7 @@ def load_checkpoint(path: str, allow_pickle: bool = True):
         raise CheckpointError(f"{path}: no such file")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    _check_file_kind(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -55,8 +57,8 @@ def load_checkpoint(path: str, allow_pickle: bool = True):
         if "weights only load failed" not in str(err).lower():
             raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_short(err)})") from err
         safe_error = err
-    except Exception as err:  # garbage, truncated or non-torch files fail in many ways
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_short(err)})") from err
+    except Exception as err:  # a damaged archive or pickle fails in many ways
+        raise CheckpointError(f"{path} is a damaged or truncated PyTorch checkpoint ({_short(err)})") from err
     if not allow_pickle:
         raise CheckpointError(f"{path} cannot be loaded with weights_only=True; it holds pickled "
                               f"classes (a whole model?): rerun without --weights-only if you trust "
@@ -71,6 +73,31 @@ def load_checkpoint(path: str, allow_pickle: bool = True):
     print(f"warning: {path} is not weights-only and was fully unpickled (weights_only=False), "
           "which runs code from the file: only analyze files you trust", file=sys.stderr)
     return obj
+
+
+ZIP_MAGIC = b"PK\x03\x04"   # torch.save's format since PyTorch 1.6
+PICKLE_PROTOCOL_2_PLUS = 0x80  # the first byte of a pickle of protocol >= 2 (legacy torch.save too)
+
+
+def _check_file_kind(path: str) -> None:
+    """CheckpointError saying what the file is when it cannot be a torch.save file: empty, text,
+    or bytes that are neither a zip archive nor a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise CheckpointError(f"{path} is empty, not a PyTorch checkpoint")
+    if head.startswith(ZIP_MAGIC) or head[0] == PICKLE_PROTOCOL_2_PLUS:
+        return
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\n\r\t" for c in text):
+        first = text.splitlines()[0][:40] if text.splitlines() else ""
+        raise CheckpointError(f"{path} is a text file (it begins {first!r}), not a PyTorch checkpoint: "
+                              "torch.save writes a zip archive")
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint: it is neither a zip archive written by "
+                          f"torch.save nor a pickle (it begins with bytes {head[:8].hex(' ')})")
 
 
 def _short(err: Exception) -> str:
@@ -112,7 +139,7 @@ def analyze(matrices, eps: float = 1e-3, method: str = "exact", device: str = "c
         raise CheckpointError("no weight matrices to analyze")
     stack = [m.detach().to(device) for _, _, m in matrices]
     kwargs = dict(k=64, adaptive=True, eps=eps) if method == "randomized" else {}
-    spectra = singular_values(stack, method=method, **kwargs)
+    spectra = singular_values(stack, method=method, names=[name for name, _, _ in matrices], **kwargs)
     values = all_measures(spectra, COLUMNS, eps=eps)
     rows = []
     for i, (name, shape, _) in enumerate(matrices):

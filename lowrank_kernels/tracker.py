@@ -45,6 +45,7 @@ DEFAULT_MEASURES = ("threshold_rank", "effective_rank", "normalized_effective_ra
 PLOT_KINDS = ("singular_values", "effective_rank_heatmap", "average_rank", "alignment")
 METHODS = ("auto", "exact", "randomized")
 ALIGNMENT_TOP = 10  # Yunis et al.: mean of A_ii over the top 10 pairs
+SPECTRUM_EDGE = 32  # singular-value plots of wider layers draw the top and bottom this many
 
 LayerSubset = Union[None, str, Iterable[str], Callable[[str], bool]]
 
@@ -263,7 +264,8 @@ class RankTracker:
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call ``step()`` after every ``optimizer.step()``; returns the hook's handle
-        (``handle.remove()`` detaches)."""
+        (``handle.remove()`` detaches). When the run's length is not a multiple of ``every``,
+        ``finish()`` (or ``close()``, or leaving a ``with`` block) records the last step."""
         if not hasattr(optimizer, "register_step_post_hook"):
             raise TypeError(f"{type(optimizer).__name__} has no register_step_post_hook; "
                             "call tracker.step() after each optimizer step instead")
@@ -279,7 +281,7 @@ class RankTracker:
         kwargs = dict(method=method, return_vectors=bool(self.pairs))
         if method == "randomized":
             kwargs.update(k=self.k, adaptive=True, eps=self.eps)
-        spectra = singular_values(matrices, **kwargs)
+        spectra = singular_values(matrices, names=self.layer_names, **kwargs)
         values = all_measures(spectra, self.measures, eps=self.eps)
         self.last_method = method
 
@@ -424,8 +426,45 @@ class RankTracker:
                 self._writer.add_scalar("average_threshold_rank", dict(self.average_threshold_rank())[step], step)
             self._writer.flush()
 
+    def finish(self) -> list[dict] | None:
+        """Record the latest counted step when ``step()`` skipped it (a run whose length is not a
+        multiple of ``every``), so that the history ends with the final weights. Returns the new
+        records, or None when the last step is already recorded or nothing was counted."""
+        last = self._step - 1
+        if last < 0 or (self.history and self.history[-1]["step"] == last):
+            return None
+        return self.record(last)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue this tracker exactly: the history, the kept
+        spectra (as tensors, loadable with ``torch.load(weights_only=True)``), the step count and
+        the last method."""
+        return {"history": [dict(rec) for rec in self.history],
+                "spectra": {name: [(step, torch.from_numpy(np.asarray(s)).clone()) for step, s in series]
+                            for name, series in self.spectra.items()},
+                "step": self._step, "last_method": self.last_method}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s result (of a tracker of the same layers)."""
+        unknown = sorted({rec["layer"] for rec in state["history"]} - set(self.layer_names))
+        if unknown:
+            raise ValueError(f"the saved tracker state records layers {unknown} that this tracker does "
+                             f"not track; tracked: {self.layer_names}")
+        self.history = [dict(rec) for rec in state["history"]]
+        self.spectra = {name: [] for name in self.layer_names}
+        for name, series in state["spectra"].items():
+            self.spectra[name] = [(int(step), np.asarray(s.numpy() if isinstance(s, torch.Tensor) else s))
+                                  for step, s in series]
+        self._step = int(state.get("step", self.steps[-1] + 1 if self.history else 0))
+        self.last_method = state.get("last_method")
+
     def close(self):
-        """Close the TensorBoard writer (the CSV and JSONL files are closed after every record)."""
+        """Record the last step if ``step()`` skipped it (``finish()``), then close the
+        TensorBoard writer (the CSV and JSONL files are closed after every record)."""
+        self.finish()
+        self._close_writer()
+
+    def _close_writer(self):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -433,8 +472,11 @@ class RankTracker:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None:  # the run failed: close the writer, record nothing more
+            self._close_writer()
+        else:
+            self.close()
 
     # ----------------------------------------------------------------------------- plots
     def plot(self, kind: str, path: str | os.PathLike | None = None, layer: str | None = None, *,
@@ -445,7 +487,9 @@ class RankTracker:
           * "singular_values": one layer's spectrum over time (``layer``, default the first).
             ``by="step"``: s_i against the step, one line per i, darker = larger (Yunis et al.);
             ``by="index"``: s_i against i, one line per record, darker = later (Galanti et al.).
-            ``top`` limits the number of values shown. Log-scale y.
+            ``top`` limits the number of values shown; without it, a layer of more than 64 values
+            shows its top 32 and bottom 32 over the steps. Log-scale y, with the threshold-rank
+            cut eps * ||W||_F dashed.
           * "effective_rank_heatmap": normalized effective rank, layers x recorded steps.
           * "average_rank": average threshold rank against the step (``average_over``).
           * "alignment": alignment with the next layer against the step, one line per pair
@@ -467,6 +511,13 @@ class RankTracker:
         if layer is not None and layer not in self.shapes:
             raise ValueError(f"unknown layer {layer!r}; tracked: {self.layer_names}")
 
+    def _threshold_line(self, layer: str) -> list[tuple[int, float]]:
+        """(step, eps * ||W||_F) of a layer's records: the threshold-rank cut."""
+        frobenius = {rec["step"]: rec["frobenius_norm"] for rec in self.history
+                     if rec["layer"] == layer and "frobenius_norm" in rec}
+        return [(step, self.eps * frobenius.get(step, float(np.sqrt(np.sum(np.square(s))))))
+                for step, s in self.spectra[layer]]
+
     def _plot_singular_values(self, fig, ax, layer, by, top, **_):
         from matplotlib import cm
         if not self.keep_spectra:
@@ -486,27 +537,40 @@ class RankTracker:
         table[table <= 0] = np.nan  # zeros cannot be drawn on a log scale
         steps = [step for step, _ in series]
         cmap = _shades("Blues")  # light to dark
+        shown = f"{layer} {_format_value(self.shapes[layer])}"
+        threshold = self._threshold_line(layer)
         if by == "step":
+            # Hundreds of lines are a solid band: a wide layer shows its largest and smallest
+            # values, where the rank's fall happens, next to the threshold they fall under.
+            index = np.arange(width)
+            if top is None and width > 2 * SPECTRUM_EDGE:
+                index = np.concatenate([index[:SPECTRUM_EDGE], index[-SPECTRUM_EDGE:]])
+                shown += f": top {SPECTRUM_EDGE} and bottom {SPECTRUM_EDGE} of {width} values"
             marker = "o" if len(steps) == 1 else None
-            for i in range(width - 1, -1, -1):  # darker = larger (smaller index), drawn on top
+            for i in index[::-1]:  # darker = larger (smaller index), drawn on top
                 ax.plot(steps, table[:, i], color=cmap(1.0 - i / max(width - 1, 1)), lw=1, marker=marker, ms=3)
+            ax.plot([t for t, _ in threshold], [v for _, v in threshold], color="tab:red", ls="--", lw=1.5,
+                    label=f"threshold eps*||W||_F (eps={self.eps:g})")
             ax.set_xlabel("step")
             fig.colorbar(cm.ScalarMappable(norm=_norm(1, max(width, 1)), cmap=cmap.reversed()), ax=ax,
                          label="singular value index (darker = larger)")
+            _integer_steps(ax)
         else:
             index = np.arange(1, width + 1)
             first, last = min(steps), max(steps)
             for row, step in enumerate(steps):
                 shade = (step - first) / (last - first) if last > first else 1.0
                 ax.plot(index, table[row], color=cmap(shade), lw=1)
+            if threshold:
+                ax.axhline(threshold[-1][1], color="tab:red", ls="--", lw=1.5,
+                           label=f"threshold eps*||W||_F at step {threshold[-1][0]} (eps={self.eps:g})")
             ax.set_xlabel("index i")
             fig.colorbar(cm.ScalarMappable(norm=_norm(first, last), cmap=cmap), ax=ax,
                          label="step (darker = later)")
-        if by == "step":
-            _integer_steps(ax)
         ax.set_yscale("log")
         ax.set_ylabel("singular value $s_i$")
-        ax.set_title(f"{layer} {_format_value(self.shapes[layer])}")
+        ax.legend(fontsize=7, loc="lower left")
+        ax.set_title(shown, fontsize=9)
 
     def _plot_effective_rank_heatmap(self, fig, ax, **_):
         if "normalized_effective_rank" not in self.measures:

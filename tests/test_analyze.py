@@ -44,7 +44,7 @@ def check_output(out, model):
     assert f"average threshold_rank, all matrices (2): {sum(ranks) / 2:.4f}" in out
     header = next(line for line in out.splitlines() if line.startswith("layer "))
     assert header.split() == ["layer", "shape", "threshold_rank", "effective_rank", "normalized_effective_rank",
-                              "stable_rank", "spectral_norm"]
+                              "stable_rank", "spectral_norm", "frobenius_norm"]
 
 
 def test_state_dict(tmp_path, capsys):
@@ -168,3 +168,39 @@ def test_bad_arguments(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([str(path), "--device", "cuda"])
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_text_and_garbage_files_are_named_for_what_they_are(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello world\nsecond line\n")
+    garbage = tmp_path / "noise.bin"
+    garbage.write_bytes(bytes(range(7, 107)))
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path, what in ((text, "is a text file (it begins 'hello world'), not a PyTorch checkpoint"),
+                       (garbage, "is not a PyTorch checkpoint: it is neither a zip archive"),
+                       (empty, "is empty, not a PyTorch checkpoint")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and what in err, err
+        assert "IndexError" not in err and "KeyError" not in err and "unpickled" not in err
+
+
+def test_a_nan_weight_is_named_by_its_layer(tmp_path, capsys):
+    state = {"0.weight": torch.randn(4, 3), "2.weight": torch.full((6, 5), float("nan"))}
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    with pytest.raises(SystemExit):
+        main([str(path)])
+    assert "2.weight (matrix 1, shape (6, 5)) contains NaN or Inf" in capsys.readouterr().err
+
+
+def test_frobenius_norm_is_reported(tmp_path, capsys):
+    w = torch.randn(4, 3, dtype=torch.float64)
+    path = tmp_path / "one.pt"
+    torch.save({"fc.weight": w}, path)
+    assert main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "frobenius_norm" in out.splitlines()[1]
+    assert f"{torch.linalg.matrix_norm(w).item():.4f}" in out

@@ -9,7 +9,8 @@ from lowrank_kernels.spectral import numerical_rank
 
 
 def _by_name(rows):
-    return {r["name"]: r for r in rows}
+    """Rows by module name ("0" for the layer whose weight is "0.weight")."""
+    return {r["layer"].removesuffix(".weight"): r for r in rows}
 
 
 @pytest.mark.parametrize("batch", [1, 3, 7, 40])
@@ -77,8 +78,8 @@ def test_leaves_grads_and_factored_weights_alone():
 def test_include_exclude_and_bad_inputs():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     x, y = torch.randn(3, 4), torch.tensor([0, 1, 1])
-    assert [r["name"] for r in gradient_rank(model, x, y, include="2")] == ["2"]
-    assert [r["name"] for r in gradient_rank(model, x, y, exclude=["2"])] == ["0"]
+    assert [r["layer"] for r in gradient_rank(model, x, y, include="2")] == ["2.weight"]
+    assert [r["layer"] for r in gradient_rank(model, x, y, exclude=["2"])] == ["0.weight"]
     with pytest.raises(ValueError, match="targets"):
         gradient_rank(model, x)
     with pytest.raises(ValueError, match="at least one example"):
@@ -95,3 +96,11 @@ def test_numerical_rank_of_zero_and_exact_low_rank():
     assert numerical_rank(torch.zeros(3, 4)) == (0, 0.0)
     a = torch.randn(6, 2, dtype=torch.float64) @ torch.randn(2, 9, dtype=torch.float64)
     assert numerical_rank(a)[0] == 2
+
+
+def test_layers_are_named_as_the_tracker_and_analyze_name_them():
+    from lowrank_kernels import RankTracker
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    assert [r["layer"] for r in gradient_rank(model, x, y)] == RankTracker(model).layer_names == ["0.weight", "3.weight"]

@@ -348,3 +348,70 @@ def test_format_table_alignment():
     assert header.split() == ["layer", "rank", "norm"]
     assert first.startswith("a ") and first.endswith("1.5000")
     assert len(header) == len(rule) and second.split() == ["longer.name", "12"]
+
+
+def test_attach_records_the_final_step_when_the_run_is_not_a_multiple_of_every():
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with RankTracker(model, every=3) as tracker:
+        tracker.attach(optimizer)
+        for _ in range(7):  # counts 0..6; every=3 records 0, 3, 6 -- and 8 steps would end at 7
+            train_step(model, optimizer)
+        train_step(model, optimizer)
+    assert tracker.steps == [0, 3, 6, 7]
+    final = {rec["layer"]: rec for rec in tracker.history if rec["step"] == 7}
+    expected = expected_measures(model)
+    for i, name in enumerate(LAYERS):
+        assert final[name]["threshold_rank"] == int(expected["threshold_rank"][i])
+    assert tracker.finish() is None  # already recorded: nothing twice
+
+
+def test_state_dict_round_trip_continues_the_same_history(tmp_path):
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = RankTracker(model, every=2)
+    tracker.attach(optimizer)
+    for _ in range(3):
+        train_step(model, optimizer)
+    path = tmp_path / "tracker.pt"
+    torch.save(tracker.state_dict(), path)
+    restored = RankTracker(model, every=2)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    assert restored.history == tracker.history and restored.steps == [0, 2]
+    for name in LAYERS:
+        for (sa, a), (sb, b) in zip(tracker.spectra[name], restored.spectra[name]):
+            assert sa == sb and np.array_equal(a, b)
+    restored.attach(optimizer)
+    train_step(model, optimizer)  # the 4th step: count 3, not recorded with every=2
+    train_step(model, optimizer)  # count 4: recorded, as the original tracker would have
+    assert restored.steps == [0, 2, 4]
+    other = RankTracker(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="does not track"):
+        other.load_state_dict(tracker.state_dict())
+
+
+def test_a_nan_weight_is_reported_by_layer_name():
+    model = small_model()
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^2\.weight \(matrix 1, shape \(16, 72\)\) contains NaN"):
+        RankTracker(model).record()
+
+
+def test_singular_values_of_a_wide_layer_show_its_edges_and_the_threshold():
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 200))
+    tracker = RankTracker(model, every=1)
+    tracker.record(0)
+    with torch.no_grad():
+        model[0].weight.mul_(torch.logspace(0, -5, 200)[:, None])  # half the values under the cut
+    tracker.record(1)
+    ax = tracker.plot("singular_values").axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 2 * 32 + 1  # top 32, bottom 32, and the eps * ||W||_F line
+    threshold = lines[-1]
+    frobenius = [rec["frobenius_norm"] for rec in tracker.history]
+    assert np.allclose(threshold.get_ydata(), [1e-3 * f for f in frobenius])
+    assert "top 32 and bottom 32 of 200" in ax.get_title()
+    assert len(tracker.plot("singular_values", top=10).axes[0].get_lines()) == 10 + 1

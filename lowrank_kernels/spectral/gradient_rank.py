@@ -41,7 +41,8 @@ def gradient_rank(model: nn.Module, inputs: Tensor, targets: Tensor | None = Non
 
     The loss is ``loss_fn(model(inputs), targets)`` (default: cross entropy), or
     ``loss_fn(model(inputs))`` when ``targets`` is None. B is ``inputs.shape[0]``. Parameter
-    ``.grad`` fields are not touched (``torch.autograd.grad``). Rows: ``name``, ``shape``
+    ``.grad`` fields are not touched (``torch.autograd.grad``). Rows: ``layer`` (the weight's
+    parameter name, ``"0.weight"``, as RankTracker and analyze name layers), ``shape``
     (d_out, d_in of the matrix), ``batch_size``, ``rows_per_example`` (R), ``rank``, ``bound``,
     ``attained``, ``tolerance``.
     """
@@ -97,12 +98,12 @@ def gradient_rank(model: nn.Module, inputs: Tensor, targets: Tensor | None = Non
             # out_proj): without its own forward there is no R to bound the rank with
             continue
         if not bool(torch.isfinite(g).all()):
-            raise ValueError(f"gradient_rank: the gradient of {name} contains NaN or Inf")
+            raise ValueError(f"gradient_rank: the gradient of {name}.weight contains NaN or Inf")
         matrix = g.reshape(g.shape[0], -1)
         rank, tol = numerical_rank(matrix, rtol)
         r = rows_per_example[name]
         bound = min(matrix.shape[0], matrix.shape[1], batch * r)
-        rows.append(dict(name=name, shape=tuple(matrix.shape), batch_size=batch,
+        rows.append(dict(layer=f"{name}.weight" if name else "weight", shape=tuple(matrix.shape), batch_size=batch,
                          rows_per_example=r, rank=rank, bound=bound, attained=rank == bound,
                          tolerance=tol))
     return rows

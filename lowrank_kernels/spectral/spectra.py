@@ -90,9 +90,15 @@ def as_matrices(x) -> tuple[list[torch.Tensor], bool]:
     return matrices, single
 
 
-def finite_max_abs(matrices: list[torch.Tensor]) -> list[float]:
+def _which(i: int, matrices: list[torch.Tensor], names) -> str:
+    """How an error names matrix ``i``: its layer name when the caller gave names."""
+    shape = tuple(matrices[i].shape)
+    return f"{names[i]} (matrix {i}, shape {shape})" if names is not None else f"matrix {i} (shape {shape})"
+
+
+def finite_max_abs(matrices: list[torch.Tensor], names=None) -> list[float]:
     """max |w_ij| of every matrix (0 for an empty one); ValueError naming the first matrix that
-    holds NaN or Inf.
+    holds NaN or Inf (by ``names[i]``, e.g. the layer, when given).
 
     One ``aminmax`` pass per matrix (NaN propagates through it) and one host transfer per device:
     much cheaper than ``isfinite(w).all()`` per matrix, which makes several passes and syncs once
@@ -109,7 +115,7 @@ def finite_max_abs(matrices: list[torch.Tensor]) -> list[float]:
         host = torch.maximum(both[:len(index)], both[len(index):]).cpu().tolist()
         for i, value in zip(index, host):
             if not math.isfinite(value):
-                raise ValueError(f"matrix {i} (shape {tuple(matrices[i].shape)}) contains NaN or Inf")
+                raise ValueError(f"{_which(i, matrices, names)} contains NaN or Inf")
             max_abs[i] = value
     return max_abs
 
@@ -186,13 +192,14 @@ def _gram(stack: torch.Tensor) -> torch.Tensor:
 def singular_values(x, method: str = "exact", *, k: int = 64, oversample: int = 16,
                     power_iters: int = 2, adaptive: bool = False, eps: float = 1e-3,
                     dtype: torch.dtype | None = None, return_vectors: bool = False,
-                    seed: int = 0, backend: str | None = "auto") -> Spectra:
+                    seed: int = 0, backend: str | None = "auto", names=None) -> Spectra:
     """Singular values of one matrix, a batch, or a list of matrices of mixed shapes.
 
     method: "exact" (all values, from a float64 Gram matrix) or "randomized" (top ``k``; the range
     finder works in ``dtype``, float32 by default; ``adaptive`` grows k until s_k / ||W||_F <
     eps). ``seed`` fixes the random test matrices. ``backend`` picks the eigensolver of the small
-    symmetric problems. The results (``values``, ``frobenius``, ...) are float64 on the CPU; the
+    symmetric problems. ``names`` (one per matrix, e.g. the layers') name a matrix in errors.
+    The results (``values``, ``frobenius``, ...) are float64 on the CPU; the
     singular vectors stay on the matrices' device.
     """
     if method not in ("exact", "randomized"):
@@ -200,7 +207,11 @@ def singular_values(x, method: str = "exact", *, k: int = 64, oversample: int = 
     if k < 1 or oversample < 0 or power_iters < 0:
         raise ValueError(f"need k >= 1, oversample >= 0, power_iters >= 0; got {k}, {oversample}, {power_iters}")
     matrices, single = as_matrices(x)
-    max_abs = finite_max_abs(matrices)
+    if names is not None:
+        names = list(names)
+        if len(names) != len(matrices):
+            raise ValueError(f"names has {len(names)} entries for {len(matrices)} matrices")
+    max_abs = finite_max_abs(matrices, names)
     scales = [_power_of_two_scale(a) for a in max_abs]
     b = len(matrices)
     shapes = [tuple(w.shape) for w in matrices]
