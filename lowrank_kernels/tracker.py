@@ -623,7 +623,8 @@ class RankTracker:
         ax.legend(fontsize=7)
 
 
-def _colormap(name: str):
+def colormap(name: str):
+    """A matplotlib colormap by name, on every matplotlib version."""
     import matplotlib
     if hasattr(matplotlib, "colormaps"):  # matplotlib >= 3.5
         return matplotlib.colormaps[name]
@@ -634,7 +635,7 @@ def _colormap(name: str):
 def _shades(name: str):
     """The darker 70% of a sequential colormap: the lightest end is invisible on white."""
     from matplotlib.colors import ListedColormap
-    return ListedColormap(_colormap(name)(np.linspace(0.3, 1.0, 256)), name=f"{name}_dark")
+    return ListedColormap(colormap(name)(np.linspace(0.3, 1.0, 256)), name=f"{name}_dark")
 
 
 def _integer_steps(ax):
@@ -647,14 +648,25 @@ def _norm(lo, hi):
     return Normalize(vmin=lo, vmax=hi if hi != lo else lo + 1)
 
 
+def agg_figure(width: float, height: float, layout: str | None = None):
+    """A bare Figure on the Agg canvas: no display, no pyplot state (the training harness and the
+    sweep pictures draw through it too). ``layout``: None or "constrained"."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Figure(layout=...) is matplotlib >= 3.5; older versions take constrained_layout=True.
+    try:
+        fig = Figure(figsize=(width, height), layout=layout)
+    except TypeError:
+        fig = Figure(figsize=(width, height), constrained_layout=layout == "constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _new_figure():
     """A Figure that needs no display: through pyplot when the user already uses pyplot (so the
-    figure shows in their session), else a bare Figure on the Agg canvas (no global state)."""
+    figure shows in their session), else ``agg_figure`` (no global state)."""
     if "matplotlib.pyplot" in sys.modules:
         import matplotlib.pyplot as plt
         return plt.figure(figsize=(7, 4.5))
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    return fig
+    return agg_figure(7, 4.5)

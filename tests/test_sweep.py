@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -369,3 +370,36 @@ def test_heatmap_needs_two_hyperparameters():
         sweep_plots.curves_figure(rows)
     with pytest.raises(ValueError, match="empty"):
         sweep_plots.heatmap_figure([], "lr", "weight_decay")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "cifar10", "--data", "/nonexistent/cifar"], "every run would fail, so none was started: "),
+    (["--device", "cuda:0"], "CUDA is not available"),
+])
+def test_shared_preconditions_are_checked_once_before_any_launch(tmp_path, extra, message):
+    if "--device" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    at = TINY.index("--dataset")
+    args = TINY[:at] + TINY[at + 2:] + extra  # TINY without its "--dataset synthetic"
+    if "--dataset" not in extra:
+        args += ["--dataset", "synthetic"]
+    with pytest.raises(sweep.SweepError, match=message) as err:
+        sweep.run_sweep(tmp_path / "sweep", sweep.make_grid(LRS, WDS, BSS), args, launcher=no_launch, log=None)
+    assert str(err.value).count("every run would fail") == 1
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_console_table_and_setting_rules_come_from_the_tracker_and_train():
+    from lowrank_kernels.tracker import format_table
+    from training import train
+
+    rows = [{"run": "lr0.1_wd0_bs16", "status": "finished", "epochs": 2, "avg_threshold_rank": 7.5,
+             "train_acc": 0.25, "test_acc": None}]
+    assert sweep.format_table(rows) == format_table(rows, sweep.CONSOLE_COLUMNS)
+    # Runs differing only in what train.py lets a resume change are one setting; epochs is not.
+    base = {"lr": 0.1, "weight_decay": 0.0, "batch_size": 16, "epochs": 2, "momentum": 0.9}
+    changeable = sorted(train.RESUME_CHANGEABLE - {"epochs"})
+    configs = {"a": {**base, **{k: 1 for k in changeable}}, "b": {**base, **{k: 2 for k in changeable}}}
+    assert sweep._differing_settings(configs) == []
+    configs["b"]["epochs"] = 3
+    assert sweep._differing_settings(configs) == ["epochs (2, 3)"]

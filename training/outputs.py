@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lowrank_kernels import RankTracker
+from lowrank_kernels.tracker import agg_figure
 from training import checkpoint as ckpt
 from training.settings import ConfigError
 
@@ -151,13 +152,10 @@ def plots_available() -> bool:
 def curves_figure(records: list[dict], eps: float, layer_count: int):
     """Average rank, accuracy and loss (log scale: one diverging test loss would flatten the
     rest to zero) per epoch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(13, 4))
-    FigureCanvasAgg(fig)
+    fig = agg_figure(13, 4)
     ax = fig.add_subplot(1, 3, 1)
     ax.plot(epochs, [r["avg_threshold_rank"] for r in records], marker="o", ms=3)
     ax.set_xlabel("epoch")

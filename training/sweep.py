@@ -80,6 +80,7 @@ from collections import deque  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
+from lowrank_kernels.tracker import format_table as tracker_table  # noqa: E402
 from training import sweep_plots  # noqa: E402
 from training.checkpoint import atomic_write_text, json_safe  # noqa: E402
 
@@ -307,6 +308,19 @@ def run_settings(train_args: Sequence[str], spec: RunSpec) -> dict:
     return settings
 
 
+def check_shared_preconditions(train_args: Sequence[str], spec: RunSpec, devices: Sequence[str] | None) -> None:
+    """Once for the whole sweep: what every run needs from the machine (the device, the data),
+    which no grid value changes. One SweepError instead of every run failing alike."""
+    from training import train as train_mod
+
+    settings = run_settings(train_args, spec)
+    try:
+        for device in devices or [settings["device"]]:
+            train_mod.check_preconditions({**settings, "device": device})
+    except (train_mod.ConfigError, train_mod.data_mod.DatasetError) as err:
+        raise SweepError(f"every run would fail, so none was started: {err}") from None
+
+
 def run_sweep(out: str | os.PathLike, grid: Sequence[RunSpec], train_args: Sequence[str] = (), *,
               jobs: int = 1, devices: Sequence[str] | None = None, threads: int | None = None,
               log: Callable[[str], None] | None = print, launcher=default_launcher,
@@ -358,6 +372,8 @@ def run_sweep(out: str | os.PathLike, grid: Sequence[RunSpec], train_args: Seque
         raise SweepError(f"runs in {out} were trained with other settings than the ones asked "
                          "for now (saved -> asked):\n" + "\n".join(mismatched)
                          + "\nUse another --out, pass the same settings, or delete those run directories.")
+    if todo:
+        check_shared_preconditions(train_args, todo[0][0], devices)
 
     if not dry_run:
         out.mkdir(parents=True, exist_ok=True)
@@ -568,13 +584,9 @@ def collect(out: str | os.PathLike, log: Callable[[str], None] | None = print
     return rows, full, histories
 
 
-_PRACTICAL = {"out", "resume", "config", "quiet", "plots", "threads", "device", "data",
-              "checkpoint_every", "keep_checkpoints", "eval_batch_size", "compile", "backend",
-              "track_every"}
-
-
 def _differing_settings(configs: dict[str, dict]) -> list[str]:
-    keys = set().union(*configs.values()) - set(GRID_FLAGS) - _PRACTICAL
+    # The grid and what may differ between runs of one setting (train.py's resume rules).
+    keys = set().union(*configs.values()) - set(GRID_FLAGS) - _settings_ignored(finished=True)
     differing = []
     for key in sorted(keys):
         values = {json.dumps(c.get(key), sort_keys=True) for c in configs.values()}
@@ -597,23 +609,12 @@ def write_table(out: str | os.PathLike, rows: Sequence[dict], full_rows: Sequenc
     return csv_path, jsonl_path
 
 
+CONSOLE_COLUMNS = ("run", "status", "epochs", "avg_threshold_rank", "train_acc", "test_acc")
+
+
 def format_table(rows: Sequence[dict]) -> str:
-    """The table as aligned text for the console."""
-    columns = ("run", "status", "epochs", "avg_threshold_rank", "train_acc", "test_acc")
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(line[j]) for line in cells)) for j, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) if j < 2 else v.rjust(w) for j, (v, w) in enumerate(zip(line, widths)))
-              for line in cells]
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
+    """The table as aligned text for the console (the tracker's table format)."""
+    return tracker_table(rows, CONSOLE_COLUMNS)
 
 
 def report(out: Path, log: Callable[[str], None] | None = print, plots: bool = True) -> tuple[list[dict], list[Path]]:

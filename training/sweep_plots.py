@@ -28,6 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lowrank_kernels.tracker import agg_figure as _new_figure
+from lowrank_kernels.tracker import colormap
+
 # (table key, axis label, file-name tag), in the order of the sweep's grid.
 HYPERPARAMETERS = (
     ("lr", "learning rate", "lr"),
@@ -94,29 +97,11 @@ def _evenly_spaced(items: list, count: int) -> list:
     return [items[i] for i in picks]
 
 
-def _new_figure(width: float, height: float, layout: str | None = None):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # Figure(layout=...) is matplotlib >= 3.5; older versions take constrained_layout=True.
-    try:
-        fig = Figure(figsize=(width, height), layout=layout)
-    except TypeError:
-        fig = Figure(figsize=(width, height), constrained_layout=layout == "constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _colormap(name: str):
-    import matplotlib
-
-    if hasattr(matplotlib, "colormaps"):  # matplotlib >= 3.5
-        cmap = matplotlib.colormaps[name]
-    else:
-        from matplotlib import cm
-        cmap = cm.get_cmap(name)
+    """The tracker's colormap lookup, with grey for cells without a finished run."""
+    cmap = colormap(name)
     if hasattr(cmap, "with_extremes"):  # matplotlib >= 3.4
-        return cmap.with_extremes(bad="0.85")  # cells without a finished run
+        return cmap.with_extremes(bad="0.85")
     cmap = cmap.copy()
     cmap.set_bad("0.85")
     return cmap
