@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from runner import DeviceSets
+
 Shape = tuple[int, ...]
 
 RESNET18_CIFAR_TENSORS = 62
@@ -120,28 +122,8 @@ def large_reduced() -> ParamSet:
 
 
 ALL_PARAM_SETS = {"resnet18_cifar": resnet18_cifar, "large": large, "large_reduced": large_reduced}
-
-
-def param_set_names_for(device: torch.device | str) -> list[str]:
-    """The sets benchmarked on ``device``: the 125M set on a GPU, its reduced form on the CPU."""
-    if torch.device(device).type == "cuda":
-        return ["resnet18_cifar", "large"]
-    return ["resnet18_cifar", "large_reduced"]
-
-
-def why_not_on(name: str, device: torch.device | str) -> str | None:
-    """None when set ``name`` is benchmarked on ``device``, else the reason it is skipped."""
-    if name in param_set_names_for(device):
-        return None
-    if name == "large":
-        return "the 124M-param set runs on a GPU only; the CPU runs 'large_reduced' to stay short"
-    if name == "large_reduced":
-        return "the reduced large set is the CPU stand-in; a GPU runs the full 'large' set"
-    return f"param set {name!r} is not run on {torch.device(device).type}"
-
-
-def param_sets_for(device: torch.device | str) -> list[ParamSet]:
-    return [ALL_PARAM_SETS[name]() for name in param_set_names_for(device)]
+# Benchmarked on a device: ResNet-18 everywhere, the 124M set on a GPU, its reduced form elsewhere.
+PARAM_SETS = DeviceSets("param set", ALL_PARAM_SETS, cpu_stand_ins={"large": "large_reduced"})
 
 
 def materialize(param_set: ParamSet | list[tuple[str, Shape]], device: torch.device | str,

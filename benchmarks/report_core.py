@@ -12,9 +12,8 @@ and ``report.py`` imports those modules in ``SECTION_MODULES`` order.
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -71,7 +70,25 @@ def register_section(name: str):
     return decorate
 
 
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+# An error's message in a row's note is cut to its first line and this many characters.
+NOTE_ERROR_CHARS = 160
+
+
+def skip_note(reason: str | BaseException) -> str:
+    """The note of a row that was not timed: ``skipped:`` and the reason, or the error that stopped
+    it (its type and the first line of its message)."""
+    if isinstance(reason, BaseException):
+        reason = f"{type(reason).__name__}: {reason}".splitlines()[0][:NOTE_ERROR_CHARS]
+    return f"skipped: {reason}"
+
+
+def add_ratios(rows: list[dict[str, Any]], anchors: Mapping[str, str],
+               value: str = "median_ms") -> None:
+    """Fill the "×" columns: for each ``column: anchor key`` pair, ``row[column]`` = the anchor
+    row's ``value`` / this row's (> 1: this row is faster), None where either was not measured.
+    Rows are matched by their ``"key"``."""
+    measured = {r["key"]: r[value] for r in rows if r.get(value) is not None}
+    for r in rows:
+        for column, anchor in anchors.items():
+            r[column] = (measured[anchor] / r[value]
+                         if anchor in measured and r.get(value) is not None else None)

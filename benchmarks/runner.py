@@ -4,9 +4,13 @@ Every benchmark suite and report section of this repository uses these helpers, 
 different ops are measured and written the same way. Nothing here is specific to one op.
 
 * ``environment(device)``: what the numbers were measured on (no host name).
+* ``speed_backends(device)`` / ``why_backend_skipped``: the op backends worth timing on a device.
+* ``DeviceSets``: which of a suite's named sets (parameter sets, matrix sets) a device runs.
 * ``time_fn(fn, warmup=..., repeat=..., device=...)``: median / min / IQR of one call, in ms.
   On a CUDA device each call sits between two CUDA events on the current stream and the device is
   synchronised before reading them; on the CPU ``time.perf_counter`` is used.
+* ``synchronized(fn, device)`` / ``free(device)``: what the pytest-benchmark suites and the report
+  sections do around a measurement (wait for the kernels on CUDA; release memory after it).
 * ``measure_copy_bandwidth(device, nbytes)``: achieved ``dst.copy_(src)`` bandwidth, counting
   the bytes read plus the bytes written: the practical ceiling for memory-bound kernels.
 * ``markdown_table`` / ``write_results``: a markdown table and a JSON file in ``results/``,
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -25,10 +30,13 @@ import re
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Generic, Iterable, Mapping, Sequence, TypeVar
 
 import torch
+
+from lowrank_kernels.backends import available_backends, why_unavailable
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_RESULTS_DIR = BENCH_DIR / "results"
@@ -50,6 +58,27 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synchronized(fn: Callable[[], Any], device: torch.device | str) -> Callable[[], Any]:
+    """``fn`` followed by a device synchronisation on CUDA, so that a wall-clock timer (the
+    pytest-benchmark suites') covers the kernels ``fn`` queued; ``fn`` itself elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+
+    def call_and_wait():
+        fn()
+        torch.cuda.synchronize(device)
+    return call_and_wait
+
+
+def free(device: torch.device | str) -> None:
+    """Release what a measurement left behind (Python garbage; on CUDA the caching allocator's
+    free blocks), so that the next one starts from the same memory state."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _cpu_model() -> str:
@@ -77,6 +106,67 @@ def device_kind(device: torch.device | str) -> str:
         return device.type
     slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
     return slug or "cuda"
+
+
+# ----------------------------------------------------------------------------------------------
+# What a device runs: the backends worth timing, the sets of a suite
+# ----------------------------------------------------------------------------------------------
+def speed_backends(device: torch.device | str) -> list[str]:
+    """Backends that run at native speed on ``device``: available, and not Triton's interpreter."""
+    device = torch.device(device)
+    return [b for b in available_backends(device) if not (b == "triton" and device.type != "cuda")]
+
+
+def why_backend_skipped(backend: str | None, device: torch.device | str) -> str | None:
+    """None when ``backend`` (None: a plain torch contender) is timed on ``device``, else why
+    not."""
+    device = torch.device(device)
+    if backend is None or backend in speed_backends(device):
+        return None
+    if backend == "triton" and device.type != "cuda":
+        return "Triton on the CPU is its interpreter, a correctness tool, not a speed path"
+    return why_unavailable(backend, device) or "not a speed path on this device"
+
+
+SetT = TypeVar("SetT")
+
+
+@dataclass(frozen=True)
+class DeviceSets(Generic[SetT]):
+    """A suite's named sets (parameter sets, matrix sets) and which of them a device runs: every
+    set, except that a GPU-only set is replaced on other devices by its smaller stand-in (a CPU
+    would take minutes on the full one)."""
+    kind: str                                     # "param set", "matrix set": for the messages
+    builders: Mapping[str, Callable[[], SetT]]    # name -> the set, in run order
+    cpu_stand_ins: Mapping[str, str]              # GPU-only set -> the set run instead elsewhere
+
+    def __post_init__(self):
+        for full, stand_in in self.cpu_stand_ins.items():
+            for name in (full, stand_in):
+                if name not in self.builders:
+                    raise ValueError(f"{self.kind} {name!r} of the CPU stand-ins is not one of "
+                                     f"{list(self.builders)}")
+
+    def names_for(self, device: torch.device | str) -> list[str]:
+        """The names of the sets run on ``device``, in run order."""
+        left_out = (set(self.cpu_stand_ins.values()) if torch.device(device).type == "cuda"
+                    else set(self.cpu_stand_ins))
+        return [name for name in self.builders if name not in left_out]
+
+    def for_device(self, device: torch.device | str) -> list[SetT]:
+        return [self.builders[name]() for name in self.names_for(device)]
+
+    def why_not_on(self, name: str, device: torch.device | str) -> str | None:
+        """None when set ``name`` runs on ``device``, else the reason it does not."""
+        if name not in self.builders:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {list(self.builders)}")
+        if name in self.names_for(device):
+            return None
+        if name in self.cpu_stand_ins:
+            return (f"the {self.kind} {name!r} runs on a GPU only; other devices run "
+                    f"{self.cpu_stand_ins[name]!r} instead, to stay short")
+        full = next(f for f, stand_in in self.cpu_stand_ins.items() if stand_in == name)
+        return f"the {self.kind} {name!r} stands in for {full!r} off the GPU; a GPU runs {full!r}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,11 +13,9 @@ skipped with the reason.
 """
 from __future__ import annotations
 
-import gc
 import time
 
 import pytest
-import torch
 
 import runner
 
@@ -30,12 +28,6 @@ WARMUP_ROUNDS = 5 if ON_GPU else 1
 SIZE = cases.size_for(DEVICE)
 
 
-def _free() -> None:
-    gc.collect()
-    if ON_GPU:
-        torch.cuda.empty_cache()
-
-
 @pytest.fixture(scope="module", params=[(d, k) for d in cases.DTYPES for k in cases.KS],
                 ids=lambda p: f"{cases.dtype_name(p[0])}-K{p[1]}")
 def problem(request):
@@ -43,7 +35,7 @@ def problem(request):
     p = cases.make_problem(SIZE, SIZE, k, dtype, DEVICE)
     yield p
     del p
-    _free()
+    runner.free(DEVICE)
 
 
 @pytest.mark.parametrize("contender", [c.key for c in cases.ALL_CONTENDERS])
@@ -63,13 +55,6 @@ def test_decay_outer(benchmark, problem, contender):
         if seconds > cases.CPU_CALL_LIMIT_S:
             pytest.skip(f"one call took {seconds:.1f} s on this CPU")
 
-    if ON_GPU:
-        def run():
-            step()
-            torch.cuda.synchronize(DEVICE)
-    else:
-        run = step
-
     dtype = cases.dtype_name(problem.dtype)
     moved = cases.bytes_moved(problem.m, problem.n, problem.k, problem.dtype)
     benchmark.group = f"decay_outer[{dtype}, K={problem.k}] {problem.m}x{problem.n}"
@@ -79,9 +64,10 @@ def test_decay_outer(benchmark, problem, contender):
                                                                        problem.k),
         weight_copies=cases.weight_copies(problem))
     try:
-        benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        benchmark.pedantic(runner.synchronized(step, DEVICE), rounds=ROUNDS, iterations=1,
+                           warmup_rounds=WARMUP_ROUNDS)
         if benchmark.stats is not None:  # None under --benchmark-disable
             benchmark.extra_info["gb_per_s_at_median"] = moved / benchmark.stats.stats.median / 1e9
     finally:
         del step
-        _free()
+        runner.free(DEVICE)

@@ -27,7 +27,7 @@ import torch
 
 from lowrank_kernels import decay_outer_
 from lowrank_kernels.backends import BACKENDS
-from sgd_step.cases import why_backend_skipped
+from runner import synchronize, why_backend_skipped
 
 KS = (1, 8, 32, 128, 512)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -193,6 +193,5 @@ def prepare(contender: Contender, problem: Problem) -> tuple[Callable[[], None],
     updates = [update_of(W) for W in weights]
     for update in updates:
         update()
-    if D.device.type == "cuda":
-        torch.cuda.synchronize(D.device)
+    synchronize(D.device)
     return _cycle(updates), note

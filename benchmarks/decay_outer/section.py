@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 import runner
-from report_core import Context, Section, free, register_section
+from report_core import Context, Section, add_ratios, register_section, skip_note
 
 from . import cases
 
@@ -45,7 +45,7 @@ def _matmul_throughput(ctx: Context, dtype: torch.dtype) -> dict[str, Any]:
     stats = runner.time_fn(lambda: torch.mm(a, b, out=c), warmup=1 if ctx.quick else 2,
                            repeat=3 if ctx.quick else 10, device=ctx.device)
     del a, b, c
-    free(ctx.device)
+    runner.free(ctx.device)
     return {"size": size, "median_ms": stats["median_ms"],
             "flop_per_s": 2 * size**3 / (stats["median_ms"] * 1e-3)}
 
@@ -94,7 +94,7 @@ def decay_outer_section(ctx: Context) -> Section:
                     try:
                         step, note = cases.prepare(c, problem)
                     except (RuntimeError, ValueError, TypeError) as exc:
-                        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                        reason = exc
                     else:
                         if note:
                             row["note"] = note
@@ -106,7 +106,7 @@ def decay_outer_section(ctx: Context) -> Section:
                                 reason = f"one call took {call_s:.1f} s on this CPU"
                                 step = None
                 if reason is not None:
-                    row["note"] = f"skipped: {reason}"
+                    row["note"] = skip_note(reason)
                     group.append(row)
                     continue
                 stats = ctx.time(step)
@@ -117,15 +117,11 @@ def decay_outer_section(ctx: Context) -> Section:
                 row["tflop_per_s"] = work / seconds / 1e12
                 row["frac_roofline"] = roof_s / seconds
                 group.append(row)
-                free(ctx.device)
-            anchors = {r["key"]: r["median_ms"] for r in group if "median_ms" in r}
-            for r in group:
-                for anchor in ("addmm", "unfused"):
-                    r[f"vs_{anchor}"] = (anchors[anchor] / r["median_ms"]
-                                         if anchor in anchors and "median_ms" in r else None)
+                runner.free(ctx.device)
+            add_ratios(group, {"vs_addmm": cases.ADDMM.key, "vs_unfused": cases.UNFUSED.key})
             rows += group
             del problem
-            free(ctx.device)
+            runner.free(ctx.device)
 
     roofs = "; ".join(
         f"{name}: {m['flop_per_s'] / 1e12:.2f} TFLOP/s ({m['size']}^3 torch.mm, "

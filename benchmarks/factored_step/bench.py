@@ -7,10 +7,7 @@ Model, batch and hyper-parameters: ``cases.py``. On a GPU every round ends with
 """
 from __future__ import annotations
 
-import gc
-
 import pytest
-import torch
 
 import runner
 
@@ -28,11 +25,6 @@ def test_factored_training_step(benchmark, contender):
     except (RuntimeError, ValueError, TypeError) as exc:
         pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
 
-    def timed():
-        step()
-        if ON_GPU:
-            torch.cuda.synchronize(DEVICE)
-
     width = cases.width_for(DEVICE)
     benchmark.group = f"training step, MLP {cases.DEPTH}x{width}, batch {cases.BATCH}"
     benchmark.extra_info.update(device=runner.device_name(DEVICE), contender=c.label,
@@ -40,7 +32,7 @@ def test_factored_training_step(benchmark, contender):
     peak = cases.peak_step_bytes(step, DEVICE)
     if peak is not None:
         benchmark.extra_info["peak_step_bytes"] = peak
-    benchmark.pedantic(timed, rounds=30 if ON_GPU else 5, iterations=1,
-                       warmup_rounds=5 if ON_GPU else 1)
+    benchmark.pedantic(runner.synchronized(step, DEVICE), rounds=30 if ON_GPU else 5,
+                       iterations=1, warmup_rounds=5 if ON_GPU else 1)
     del step, model, opt
-    gc.collect()
+    runner.free(DEVICE)

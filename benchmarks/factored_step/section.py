@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import runner
-from report_core import Context, Section, free, register_section
+from report_core import Context, Section, add_ratios, register_section, skip_note
 
 from . import cases
 
@@ -34,7 +34,7 @@ def factored_step_section(ctx: Context) -> Section:
         try:
             step, model, opt = cases.build(c, ctx.device)
         except (RuntimeError, ValueError, TypeError) as exc:
-            row["note"] = f"skipped: {type(exc).__name__}: {exc}".splitlines()[0][:160]
+            row["note"] = skip_note(exc)
             rows.append(row)
             continue
         row.update(ctx.time(step))
@@ -43,12 +43,8 @@ def factored_step_section(ctx: Context) -> Section:
         row["peak_mib"] = None if peak is None else peak / runner.MiB
         rows.append(row)
         del step, model, opt
-        free(ctx.device)
-    times = {r["key"]: r["median_ms"] for r in rows if "median_ms" in r}
-    for r in rows:
-        for anchor in ("sgd_fused", "decaysgd_dense"):
-            r[f"vs_{anchor}"] = (times[anchor] / r["median_ms"]
-                                 if anchor in times and "median_ms" in r else None)
+        runner.free(ctx.device)
+    add_ratios(rows, {"vs_sgd_fused": "sgd_fused", "vs_decaysgd_dense": "decaysgd_dense"})
     notes = [
         f"lr={cases.HYPER['lr']}, weight_decay={cases.HYPER['weight_decay']}, momentum 0, fp32, "
         "MSE loss; one step = zero_grad + forward + backward + optimizer step, timed after a "

@@ -11,10 +11,7 @@ one and a few rounds. Contenders that cannot run here are skipped with the reaso
 """
 from __future__ import annotations
 
-import gc
-
 import pytest
-import torch
 
 import param_sets
 import runner
@@ -27,23 +24,17 @@ ROUNDS = 50 if ON_GPU else 5
 WARMUP_ROUNDS = 5 if ON_GPU else 1
 
 
-def _free() -> None:
-    gc.collect()
-    if ON_GPU:
-        torch.cuda.empty_cache()
-
-
 @pytest.fixture(scope="module", params=list(param_sets.ALL_PARAM_SETS))
 def param_set(request):
     """(ParamSet, params with grads) on the benchmark device; shared by every contender."""
-    reason = param_sets.why_not_on(request.param, DEVICE)
+    reason = param_sets.PARAM_SETS.why_not_on(request.param, DEVICE)
     if reason is not None:
         pytest.skip(reason)
     ps = param_sets.ALL_PARAM_SETS[request.param]()
     params = param_sets.materialize(ps, DEVICE)
     yield ps, params
     del params
-    _free()
+    runner.free(DEVICE)
 
 
 @pytest.mark.parametrize("contender", [c.key for c in cases.ALL_CONTENDERS])
@@ -58,24 +49,18 @@ def test_sgd_step(benchmark, param_set, contender):
     except (RuntimeError, ValueError, TypeError) as exc:  # e.g. fused=True unsupported here
         pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
 
-    if ON_GPU:
-        def step():
-            opt.step()
-            torch.cuda.synchronize(DEVICE)
-    else:
-        step = opt.step
-
     benchmark.group = f"sgd_step[{ps.name}] {ps.n_tensors} tensors, {ps.n_params:,} params"
     benchmark.extra_info.update(
         device=runner.device_name(DEVICE), param_set=ps.name, n_tensors=ps.n_tensors,
         n_params=ps.n_params, contender=c.label, bytes_per_step=cases.bytes_per_step(ps.n_params),
         **cases.HYPER)
     try:
-        benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        benchmark.pedantic(runner.synchronized(opt.step, DEVICE), rounds=ROUNDS, iterations=1,
+                           warmup_rounds=WARMUP_ROUNDS)
         if benchmark.stats is not None:  # None under --benchmark-disable
             median_s = benchmark.stats.stats.median
             benchmark.extra_info["gb_per_s_at_median"] = (
                 cases.bytes_per_step(ps.n_params) / median_s / 1e9)
     finally:
         del opt
-        _free()
+        runner.free(DEVICE)

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from lowrank_kernels import DecaySGD
-from lowrank_kernels.backends import BACKENDS, available_backends, why_unavailable
+from lowrank_kernels.backends import BACKENDS
+from runner import synchronize, why_backend_skipped
 
 HYPER = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -55,12 +56,6 @@ BY_KEY = {c.key: c for c in ALL_CONTENDERS}
 HEADLINE = frozenset({"sgd_fused", *(c.key for c in DECAY_SGD)})
 
 
-def speed_backends(device: torch.device | str) -> list[str]:
-    """Backends that run at native speed on ``device``: available, and not Triton's interpreter."""
-    device = torch.device(device)
-    return [b for b in available_backends(device) if not (b == "triton" and device.type != "cuda")]
-
-
 def why_skipped(contender: Contender, device: torch.device | str) -> str | None:
     """None when the contender is benchmarked on ``device``, else the reason it is not.
 
@@ -70,23 +65,13 @@ def why_skipped(contender: Contender, device: torch.device | str) -> str | None:
     return why_backend_skipped(contender.backend, device)
 
 
-def why_backend_skipped(backend: str | None, device: torch.device | str) -> str | None:
-    """None when ``backend`` (None: a plain torch anchor) is timed on ``device``, else why not."""
-    device = torch.device(device)
-    if backend is None or backend in speed_backends(device):
-        return None
-    if backend == "triton" and device.type != "cuda":
-        return "Triton on the CPU is its interpreter, a correctness tool, not a speed path"
-    return why_unavailable(backend, device) or "not a speed path on this device"
-
-
 def prepare(contender: Contender, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """The contender's optimizer over ``params`` after one warm-up step (momentum buffers exist,
     kernels compiled). Raises whatever the optimizer raises when it cannot run here."""
     opt = contender.make(params)
     opt.step()
-    if params and params[0].device.type == "cuda":
-        torch.cuda.synchronize(params[0].device)
+    if params:
+        synchronize(params[0].device)
     return opt
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import param_sets
 import runner
-from report_core import Context, Section, free, register_section
+from report_core import Context, Section, add_ratios, register_section, skip_note
 
 from . import cases
 
@@ -29,7 +29,7 @@ SGD_COLUMNS: list[runner.Column] = [
 @register_section("sgd_step")
 def sgd_step_section(ctx: Context) -> Section:
     rows: list[dict[str, Any]] = []
-    for ps in param_sets.param_sets_for(ctx.device):
+    for ps in param_sets.PARAM_SETS.for_device(ctx.device):
         params = param_sets.materialize(ps, ctx.device)
         moved = cases.bytes_per_step(ps.n_params)
         set_rows = []
@@ -45,28 +45,23 @@ def sgd_step_section(ctx: Context) -> Section:
                 try:
                     opt = cases.prepare(c, params)
                 except (RuntimeError, ValueError, TypeError) as exc:
-                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                    reason = exc
             if reason is not None:
-                row["note"] = f"skipped: {reason}"
+                row["note"] = skip_note(reason)
                 set_rows.append(row)
                 continue
             stats = ctx.time(opt.step)
             del opt
-            free(ctx.device)
+            runner.free(ctx.device)
             bytes_per_s = moved / (stats["median_ms"] * 1e-3)
             row.update(stats)
             row["gb_per_s"] = bytes_per_s / 1e9
             row["frac_copy_bw"] = bytes_per_s / ctx.copy_bytes_per_s
             set_rows.append(row)
-        anchors = {r["key"]: r["median_ms"] for r in set_rows
-                   if cases.BY_KEY[r["key"]].anchor and "median_ms" in r}
-        for r in set_rows:
-            for a in cases.ANCHORS:
-                r[f"vs_{a.key}"] = (anchors[a.key] / r["median_ms"]
-                                    if a.key in anchors and "median_ms" in r else None)
+        add_ratios(set_rows, {f"vs_{a.key}": a.key for a in cases.ANCHORS})
         rows += set_rows
         del params
-        free(ctx.device)
+        runner.free(ctx.device)
     notes = [
         f"lr={cases.HYPER['lr']}, momentum={cases.HYPER['momentum']}, "
         f"weight_decay={cases.HYPER['weight_decay']}, fp32; timed after a warm-up step "

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import runner
-from report_core import Context, Section, free, register_section
+from report_core import Context, Section, register_section, skip_note
 
 from lowrank_kernels.ops.decay_outer import decay_outer_
 from lowrank_kernels.simulate import check_decay, simulate
@@ -50,7 +50,7 @@ def _simulation_row(ctx: Context, case: str, size: int, steps: int, record_every
         result = simulate(size, size, BATCH_SIZE, LR, LAM, steps, device=ctx.device,
                           record_every=record_every, seed=0)
     except (RuntimeError, ValueError) as exc:
-        row["note"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        row["note"] = skip_note(exc)
         return row
     timing = result.timing
     row.update(records=len(result.steps), total_s=timing["total_s"],
@@ -86,7 +86,7 @@ def simulate_section(ctx: Context) -> Section:
             stats = runner.time_fn(fn, warmup=max(ctx.warmup, 20), repeat=max(ctx.repeat, 20),
                                    device=ctx.device)
         except (RuntimeError, ValueError) as exc:
-            row["note"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            row["note"] = skip_note(exc)
             rows.append(row)
             continue
         row.update(ms_per_step=stats["median_ms"], steps_per_s=1e3 / stats["median_ms"],
@@ -96,7 +96,7 @@ def simulate_section(ctx: Context) -> Section:
         row["vs_op"] = stats["median_ms"] / op_ms if op_ms else None
         rows.append(row)
     del W, D, F
-    free(ctx.device)
+    runner.free(ctx.device)
 
     # Warm-up on the same shapes: the first spectral call and first kernel launches pay one-off
     # set-up costs (solver workspaces, allocator growth) that belong to no step.
@@ -106,10 +106,10 @@ def simulate_section(ctx: Context) -> Section:
         pass  # the rows below report the error
     rows.append(_simulation_row(ctx, "simulate, updates only", size, steps, steps, op_ms,
                                 note or "records W[0] and W[steps] only"))
-    free(ctx.device)
+    runner.free(ctx.device)
     rows.append(_simulation_row(ctx, "simulate, 11 records", size, steps, steps // 10, op_ms,
                                 note or "exact float64 spectra, batched"))
-    free(ctx.device)
+    runner.free(ctx.device)
     notes = [
         f"B = {BATCH_SIZE}, mu = {LR}, lam = {LAM} (shrink 1 - 2*mu*lam = {decay:.4f}), "
         "Gaussian factors, fp32, W[0] = 0, backend 'auto'.",

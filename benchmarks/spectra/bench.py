@@ -14,10 +14,7 @@ threshold-rank agreement). Contenders that cannot run here are skipped with the 
 """
 from __future__ import annotations
 
-import gc
-
 import pytest
-import torch
 
 import runner
 
@@ -30,23 +27,17 @@ ROUNDS = 20 if ON_GPU else 3
 WARMUP_ROUNDS = 2 if ON_GPU else 0
 
 
-def _free() -> None:
-    gc.collect()
-    if ON_GPU:
-        torch.cuda.empty_cache()
-
-
 @pytest.fixture(scope="module", params=list(cases.ALL_MATRIX_SETS))
 def matrix_set(request):
     """(MatrixSet, matrices on the benchmark device, float64 reference values)."""
-    reason = cases.why_not_on(request.param, DEVICE)
+    reason = cases.MATRIX_SETS.why_not_on(request.param, DEVICE)
     if reason is not None:
         pytest.skip(reason)
     ms = cases.ALL_MATRIX_SETS[request.param]()
     matrices = cases.materialize(ms, DEVICE)
     yield ms, matrices, cases.reference_values(ms)
     del matrices
-    _free()
+    runner.free(DEVICE)
 
 
 @pytest.mark.parametrize("contender", [c.key for c in cases.CONTENDERS])
@@ -61,14 +52,6 @@ def test_spectra(benchmark, matrix_set, contender):
     except (RuntimeError, ValueError, TypeError, ImportError) as exc:
         pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
 
-    if ON_GPU:
-        def call():
-            c.run(matrices)
-            torch.cuda.synchronize(DEVICE)
-    else:
-        def call():
-            c.run(matrices)
-
     benchmark.group = (f"spectra[{ms.name}] {ms.n_matrices} matrices, {ms.n_shape_groups} shapes, "
                        f"{ms.n_weights:,} weights")
     accuracy = cases.accuracy(result, reference)
@@ -78,6 +61,7 @@ def test_spectra(benchmark, matrix_set, contender):
         contender=c.label, tier=c.tier, k=cases.K, eps=cases.EPS,
         topk_rel_err=accuracy["topk_rel_err"], threshold_rank_agree=accuracy["rank_agree_str"])
     try:
-        benchmark.pedantic(call, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP_ROUNDS)
+        benchmark.pedantic(runner.synchronized(lambda: c.run(matrices), DEVICE), rounds=ROUNDS,
+                           iterations=1, warmup_rounds=WARMUP_ROUNDS)
     finally:
-        _free()
+        runner.free(DEVICE)

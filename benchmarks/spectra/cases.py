@@ -61,6 +61,8 @@ import numpy as np
 import torch
 
 import param_sets
+from runner import DeviceSets
+
 from lowrank_kernels.spectral import MEASURES, Spectra, all_measures, singular_values
 
 K = 64                      # top-k of the randomized tier and of the accuracy column
@@ -131,26 +133,10 @@ ALL_MATRIX_SETS: dict[str, Callable[[], MatrixSet]] = {
 }
 
 
-def matrix_set_names_for(device: torch.device | str) -> list[str]:
-    """The full Transformer on a GPU, its first 5 layers on the CPU."""
-    if torch.device(device).type == "cuda":
-        return ["resnet18_cifar", "transformer_d768"]
-    return ["resnet18_cifar", "transformer_d768_reduced"]
-
-
-def why_not_on(name: str, device: torch.device | str) -> str | None:
-    """None when set ``name`` is benchmarked on ``device``, else the reason it is not."""
-    if name in matrix_set_names_for(device):
-        return None
-    if name == "transformer_d768":
-        return "the 48-matrix Transformer runs on a GPU only; the CPU runs its first 5 layers"
-    if name == "transformer_d768_reduced":
-        return "the 5-layer Transformer is the CPU stand-in; a GPU runs all 12 layers"
-    return f"matrix set {name!r} is not run on {torch.device(device).type}"
-
-
-def matrix_sets_for(device: torch.device | str) -> list[MatrixSet]:
-    return [ALL_MATRIX_SETS[name]() for name in matrix_set_names_for(device)]
+# Benchmarked on a device: ResNet-18 everywhere, the full Transformer on a GPU, its first 5 layers
+# elsewhere.
+MATRIX_SETS = DeviceSets("matrix set", ALL_MATRIX_SETS,
+                         cpu_stand_ins={"transformer_d768": "transformer_d768_reduced"})
 
 
 def trained_like_spectrum(r: int, generator: torch.Generator) -> torch.Tensor:

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 import runner
-from report_core import Context, Section, free, register_section
+from report_core import Context, Section, add_ratios, register_section, skip_note
 
 from . import cases
 
@@ -87,7 +87,7 @@ def _target_notes(rows: list[dict[str, Any]], device_type: str) -> list[str]:
 @register_section("spectra")
 def spectra_section(ctx: Context) -> Section:
     rows: list[dict[str, Any]] = []
-    for matrix_set in cases.matrix_sets_for(ctx.device):
+    for matrix_set in cases.MATRIX_SETS.for_device(ctx.device):
         contenders = [c for c in cases.CONTENDERS
                       if ctx.wants(headline=(matrix_set.name, c.key) in cases.HEADLINE)]
         if not contenders:
@@ -105,9 +105,9 @@ def spectra_section(ctx: Context) -> Section:
                 try:
                     result, first_s = _first_call(ctx, c, matrices)
                 except (RuntimeError, ValueError, TypeError, ImportError) as exc:
-                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+                    reason = exc
             if reason is not None:
-                row["note"] = f"skipped: {reason}"
+                row["note"] = skip_note(reason)
                 set_rows.append(row)
                 continue
             row.update(cases.accuracy(result, reference))
@@ -115,16 +115,12 @@ def spectra_section(ctx: Context) -> Section:
             stats = _time_within_budget(ctx, lambda c=c, m=matrices: c.run(m), first_s)
             row.update(stats)
             set_rows.append(row)
-            free(ctx.device)
-        anchors = {r["key"]: r["median_ms"] for r in set_rows if "median_ms" in r}
-        for r in set_rows:
-            for column, key in (("vs_svdvals_loop", cases.SVDVALS_LOOP),
-                                ("vs_svd_lowrank", cases.SVD_LOWRANK)):
-                r[column] = (anchors[key] / r["median_ms"]
-                             if key in anchors and "median_ms" in r else None)
+            runner.free(ctx.device)
+        add_ratios(set_rows, {"vs_svdvals_loop": cases.SVDVALS_LOOP,
+                              "vs_svd_lowrank": cases.SVD_LOWRANK})
         rows += set_rows
         del matrices
-        free(ctx.device)
+        runner.free(ctx.device)
 
     notes = [
         "Every row: from the list of float32 weight matrices to the singular values and all "

@@ -12,10 +12,7 @@ with ``torch.cuda.synchronize()``.
 """
 from __future__ import annotations
 
-import gc
-
 import pytest
-import torch
 
 import runner
 
@@ -45,8 +42,6 @@ def test_training_step(benchmark, contender, batches):
     def block():
         for _ in range(BLOCK):
             case.step()
-        if ON_GPU:
-            torch.cuda.synchronize(DEVICE)
 
     batch = cases.batch_for(DEVICE)
     benchmark.group = (f"training step, ResNet-18, batch {batch}, {cases.amp_for(DEVICE)}, "
@@ -54,12 +49,11 @@ def test_training_step(benchmark, contender, batches):
     benchmark.extra_info.update(device=runner.device_name(DEVICE), contender=c.label,
                                 batch=batch, steps_per_round=BLOCK, amp=cases.amp_for(DEVICE),
                                 track_every=c.track_every, **cases.HYPER)
-    benchmark.pedantic(block, rounds=5 if ON_GPU else 2, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(runner.synchronized(block, DEVICE), rounds=5 if ON_GPU else 2, iterations=1,
+                       warmup_rounds=1)
     if benchmark.stats is not None:
         median_s = benchmark.stats.stats.median
         benchmark.extra_info["ms_per_step"] = median_s * 1e3 / BLOCK
         benchmark.extra_info["epoch_estimate_s"] = median_s / BLOCK * cases.steps_per_epoch(DEVICE)
     del case
-    gc.collect()
-    if ON_GPU:
-        torch.cuda.empty_cache()
+    runner.free(DEVICE)

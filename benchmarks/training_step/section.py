@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import runner
-from report_core import Context, Section, free, register_section
+from report_core import Context, Section, add_ratios, register_section, skip_note
 
 from . import cases
 
@@ -22,10 +22,6 @@ COLUMNS: list[runner.Column] = [
 
 # On the CPU a ResNet-18 step takes seconds: a few steps per row, whatever the report's timing.
 CPU_MAX_WARMUP, CPU_MAX_REPEAT, CPU_RECORD_REPEAT = 1, 5, 2
-
-
-def _skip_note(exc: Exception) -> str:
-    return f"skipped: {type(exc).__name__}: {exc}".splitlines()[0][:160]
 
 
 @register_section("training")
@@ -60,14 +56,14 @@ def training_section(ctx: Context) -> Section:
         try:
             case = cases.build(c, device, batches)
         except (RuntimeError, ValueError, TypeError) as exc:
-            row["note"] = _skip_note(exc)
+            row["note"] = skip_note(exc)
             continue
         try:
             stats = timed(case.step, n=ctx.repeat if on_gpu and c.track_every == 1 else repeat)
         except RuntimeError as exc:  # e.g. a kernel that fails on this device: keep the others
-            row["note"] = _skip_note(exc)
+            row["note"] = skip_note(exc)
             del case
-            free(device)
+            runner.free(device)
             continue
         row.update(stats)
         row["amortized_ms"] = stats["mean_ms"]
@@ -82,7 +78,7 @@ def training_section(ctx: Context) -> Section:
             record_stats = timed(case.tracker.record, n=min(repeat, 20))
             record_method, n_tracked = case.tracker.last_method, len(case.tracker.layer_names)
         del case
-        free(device)
+        runner.free(device)
 
     by_key = {r["key"]: r for r in rows}
     base = by_key["decaysgd"].get("amortized_ms")
@@ -92,17 +88,16 @@ def training_section(ctx: Context) -> Section:
                 continue
             row = by_key[c.key]
             if base is None or record_stats is None:
-                row["note"] = "skipped: the DecaySGD step or the record could not be timed"
+                row["note"] = skip_note("the DecaySGD step or the record could not be timed")
                 continue
             row["amortized_ms"] = base + record_stats["median_ms"] / c.track_every
             row["note"] = f"estimated: DecaySGD mean + record median / {c.track_every}"
 
-    fused = by_key["sgd_fused"].get("amortized_ms")
+    add_ratios(rows, {"vs_sgd_fused": "sgd_fused"}, value="amortized_ms")
     for r in rows:
         ms = r.get("amortized_ms")
         if ms is None:
             continue
-        r["vs_sgd_fused"] = fused / ms if fused else None
         if cases.BY_KEY[r["key"]].track_every is not None and base:
             r["tracking_overhead"] = ms / base - 1
         r["epoch_s"] = ms * steps_per_epoch / 1e3
