@@ -53,10 +53,12 @@ class Preset:
 
 
 PRESETS = (
-    Preset("B=1 μ=.10 λ=.10", 1, 0.10, 0.10, "B=1, mu=0.10, lam=0.10 ('very low rank 1-2')"),
-    Preset("B=8 μ=.02 λ=.01", 8, 0.02, 0.01, "B=8, mu=0.02, lam=0.01 ('higher rank')"),
+    Preset("B=1 μ=.10 λ=.10", 1, 0.10, 0.10, "B=1, mu=0.10, lam=0.10 (shrink 0.98: threshold rank "
+           "14 of 14 after 150 and 400 steps at eps=1e-3, effective rank about 10-11)"),
+    Preset("B=8 μ=.02 λ=.01", 8, 0.02, 0.01, "B=8, mu=0.02, lam=0.01 (shrink 0.9996: threshold "
+           "rank 14 of 14)"),
     Preset("B=14 μ=.10 λ=.10", 14, 0.10, 0.10, "B=14, mu=0.10, lam=0.10 (B=8+: more singular "
-           "values light up at once)"),
+           "values light up at once; threshold rank 14 of 14)"),
     Preset("B=1 μ=.5 λ=.9", 1, 0.5, 0.9, "B=1, mu=0.5, lam=0.9 (shrink 0.1: threshold rank "
            "about 3 at eps=1e-3, 1-2 at eps=0.1)"),
 )
@@ -238,10 +240,11 @@ class Explorer:
         return image
 
     # -- view ----------------------------------------------------------------------------------
-    def build_figure(self, interactive: bool = False):
+    def build_figure(self, interactive: bool = False, controls: bool = True):
         """Create the figure and its widgets. ``interactive=False`` makes a bare Agg figure (no
-        display needed); ``True`` goes through pyplot so ``plt.show()`` opens a window."""
-        from matplotlib.widgets import Button, Slider, TextBox
+        display needed); ``True`` goes through pyplot so ``plt.show()`` opens a window.
+        ``controls=False`` leaves the sliders and buttons out (a saved picture cannot use them)
+        and gives the panels their room."""
 
         if interactive:
             import matplotlib.pyplot as plt
@@ -255,15 +258,20 @@ class Explorer:
             FigureCanvasAgg(fig)
         self.fig = fig
         self._interactive = interactive
+        self.controls = controls
         fig.suptitle("W[t+1] = (1 − 2μλ)·W[t] − (μ/B)·Σ δᵢfᵢᵀ : rank-B updates under weight decay",
                      fontsize=12)
         size = self.size
-        # Panels.
-        self.ax_w = fig.add_axes((0.03, 0.40, 0.27, 0.50))
-        self.ax_sv = fig.add_axes((0.36, 0.67, 0.30, 0.23))
-        self.ax_timeline = fig.add_axes((0.36, 0.40, 0.30, 0.19))
+        # Panels; without the controls below them they take the figure's full height.
+        low = 0.40 if controls else 0.10
+        # W is drawn square: 0.25 of the width is 0.43 of the height; its colour bar matches it.
+        w_box = (0.03, 0.44 if controls else 0.30, 0.25, 0.43)
+        self.ax_w = fig.add_axes(w_box)
+        self.ax_w_colorbar = fig.add_axes((0.29, w_box[1], 0.012, w_box[3]))
+        self.ax_sv = fig.add_axes((0.36, 0.67 if controls else 0.58, 0.30, 0.23 if controls else 0.30))
+        self.ax_timeline = fig.add_axes((0.36, low, 0.30, 0.19 if controls else 0.36))
         self.ax_history = fig.add_axes((0.72, 0.70, 0.26, 0.20))
-        self.ax_text = fig.add_axes((0.72, 0.30, 0.26, 0.30))
+        self.ax_text = fig.add_axes((0.72, 0.30 if controls else 0.10, 0.26, 0.30 if controls else 0.50))
         self.ax_text.axis("off")
 
         self.im_w = self.ax_w.imshow(self.W.numpy(), cmap="RdBu_r", vmin=-1, vmax=1,
@@ -271,6 +279,10 @@ class Explorer:
         self.ax_w.set_title(f"W ({size}×{size})", fontsize=10)
         self.ax_w.set_xticks([])
         self.ax_w.set_yticks([])
+        # The colour scale follows W's largest |entry| (symmetric about 0): the bar says its size.
+        fig.colorbar(self.im_w, cax=self.ax_w_colorbar)
+        self.ax_w_colorbar.tick_params(labelsize=7)
+        self.ax_w_colorbar.set_ylabel("W_ij", fontsize=8, labelpad=1)
 
         index = list(range(1, size + 1))
         self.bars = self.ax_sv.bar(index, [SV_FLOOR] * len(index), bottom=SV_FLOOR * 0.5,
@@ -310,8 +322,17 @@ class Explorer:
                               bbox=dict(boxstyle="round", fc="#d8f0d8", ec="#2a7a2a"))
         self.message_text = fig.text(0.03, 0.015, "", fontsize=9, color="#444444")
 
-        # Controls.
         self._syncing = False
+        if controls:
+            self._build_controls(fig, size)
+        self.timer = fig.canvas.new_timer(interval=120)
+        self.timer.add_callback(self._tick)
+        self._refresh_view()
+        return fig
+
+    def _build_controls(self, fig, size: int) -> None:
+        from matplotlib.widgets import Button, Slider, TextBox
+
         self.slider_b = Slider(fig.add_axes((0.08, 0.28, 0.22, 0.03)), "B", 1, max(14, size),
                                valinit=self.batch_size, valstep=1)
         self.slider_lr = Slider(fig.add_axes((0.08, 0.23, 0.22, 0.03)), "log10 μ", -3, 0,
@@ -342,11 +363,6 @@ class Explorer:
             self.preset_buttons.append(button)
         fig.text(0.36, 0.20, "presets (restart from W = 0):", fontsize=8)
 
-        self.timer = fig.canvas.new_timer(interval=120)
-        self.timer.add_callback(self._tick)
-        self._refresh_view()
-        return fig
-
     @staticmethod
     def _lam_to_slider(lam: float) -> float:
         return -4.5 if lam <= 0 else max(LAM_ZERO_BELOW, min(0.0, math.log10(lam)))
@@ -359,7 +375,8 @@ class Explorer:
         self.playing = not self.playing
         if self.fig is not None:
             (self.timer.start if self.playing else self.timer.stop)()
-            self.button_play.label.set_text("Pause" if self.playing else "Play")
+            if self.controls:
+                self.button_play.label.set_text("Pause" if self.playing else "Play")
             if self._interactive:
                 self.fig.canvas.draw_idle()
 
@@ -401,6 +418,8 @@ class Explorer:
     def _sync_controls(self) -> None:
         """Move the widgets onto the current settings (after a preset, a reset or a refused
         value) without their callbacks acting on it."""
+        if not self.controls:
+            return
         self._syncing = True
         try:
             for slider, value in ((self.slider_b, self.batch_size),
@@ -419,9 +438,10 @@ class Explorer:
             return
         if not self._syncing:
             self._sync_controls()
-        self.slider_lr.valtext.set_text(f"{self.lr:.3g}")
-        self.slider_lam.valtext.set_text("0 (no decay)" if self.lam == 0 else f"{self.lam:.3g}")
-        self.slider_eps.valtext.set_text(f"{self.eps:.0e}")
+        if self.controls:
+            self.slider_lr.valtext.set_text(f"{self.lr:.3g}")
+            self.slider_lam.valtext.set_text("0 (no decay)" if self.lam == 0 else f"{self.lam:.3g}")
+            self.slider_eps.valtext.set_text(f"{self.eps:.0e}")
 
         m = self.measures()
         w = self.W.numpy()
@@ -464,8 +484,10 @@ class Explorer:
 
         self.readout_text.set_text(self.readout())
         self.badge.set_text(f"shrink 1−2μλ = {self.decay:.4f}")
-        self.message_text.set_text(self.message or "Step or Play to add rank-B updates; "
-                                   "sliders change the settings live.")
+        idle = ("Step or Play to add rank-B updates; sliders change the settings live." if self.controls
+                else f"B={self.batch_size}, μ={self.lr:g}, λ={self.lam:g}, ε={self.eps:.0e}, seed {self.seed}, "
+                     f"after {self.history[-1]['step']} steps")
+        self.message_text.set_text(self.message or idle)
         self.message_text.set_color("#b00000" if self.message_is_error else "#444444")
         self.message_text.set_weight("bold" if self.message_is_error else "normal")
         if self._interactive:
@@ -486,7 +508,7 @@ class Explorer:
             raise ValueError(f"every must be a positive integer, got {every!r}")
         path = Path(path)
         if self.fig is None:
-            self.build_figure(interactive=False)
+            self.build_figure(interactive=False, controls=False)
         chunks = [min(every, steps - done) for done in range(0, steps, every)]
         if path.suffix.lower() == ".png":
             if not path.parent.exists():

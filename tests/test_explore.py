@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 from matplotlib.backend_bases import MouseEvent  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lowrank_kernels.explore import PRESETS, Explorer, main  # noqa: E402
+from lowrank_kernels.explore import PRESETS, Explorer, main, parse_args  # noqa: E402
 from lowrank_kernels.simulate import simulate  # noqa: E402
 
 
@@ -183,3 +183,31 @@ def test_bad_construction():
         Explorer(lr=0.8, lam=0.8)
     with pytest.raises(ValueError, match="preset index"):
         Explorer().apply_preset(9)
+
+
+def test_help_describes_the_presets_as_measured(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "very low rank" not in text
+    assert "1: B=1, mu=0.10, lam=0.10 (shrink 0.98: threshold rank 14 of 14" in text
+    e = Explorer(batch_size=1, lr=0.1, lam=0.1)
+    e.step(150)
+    assert e.measures()["threshold_rank"] == 14  # what the help says
+
+
+def test_w_heat_map_has_a_colour_bar_following_its_scale(explorer):
+    bar = explorer.im_w.colorbar
+    assert bar is not None and bar.ax is explorer.ax_w_colorbar
+    explorer.step(5)
+    limit = float(abs(explorer.W.numpy()).max())
+    assert bar.mappable.get_clim() == pytest.approx((-limit, limit))
+
+
+def test_saved_pictures_have_no_widgets(tmp_path):
+    e = Explorer(batch_size=2, lr=0.1, lam=0.1)
+    e.save(tmp_path / "shot.png", steps=3, dpi=30)
+    assert not hasattr(e, "slider_b") and not hasattr(e, "button_play")
+    panels = {e.ax_w, e.ax_w_colorbar, e.ax_sv, e.ax_timeline, e.ax_history, e.ax_text}
+    assert set(e.fig.axes) == panels  # no slider, button or text-box axes
+    assert "B=2, μ=0.1, λ=0.1" in e.message_text.get_text()
