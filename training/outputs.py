@@ -152,7 +152,7 @@ def plots_available() -> bool:
 def curves_figure(records: list[dict], eps: float, layer_count: int):
     """Average rank, accuracy and loss (log scale: one diverging test loss would flatten the
     rest to zero) per epoch."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     fig = agg_figure(13, 4)
@@ -169,6 +169,9 @@ def curves_figure(records: list[dict], eps: float, layer_count: int):
                     label=split)
         if metric == "loss":
             ax.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2.2, not 2.2 x 10^0
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{ylabel.split(' (')[0]}")
