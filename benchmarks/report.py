@@ -22,8 +22,7 @@ import argparse
 import importlib
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import runner  # noqa: E402
-from report_core import SECTIONS, TIMING, Context  # noqa: E402
+from report_core import SECTIONS, TIMERS, TIMING, Context  # noqa: E402
 
 # Importing a section module registers its sections; the order here is the report's order.
 SECTION_MODULES = ("sgd_step.section", "spectra.section", "decay_outer.section",
@@ -40,42 +39,11 @@ for _module in SECTION_MODULES:
     importlib.import_module(_module)
 
 
-ROW_SELECTIONS = ("all", "headline", "rest")
-TIMERS = ("events", "do_bench")
-# triton.testing.do_bench's budgets in ms (warm-up, timed calls), by --quick.
-DO_BENCH_MS = {True: (25, 100), False: (50, 400)}
-
-
-@dataclass
-class ReportContext(Context):
-    """The report's context: the row selection and the timer on top of the sections' Context."""
-    rows: str = "all"                 # one of ROW_SELECTIONS
-    timer: str = "events"             # one of TIMERS
-
-    def wants(self, headline: bool) -> bool:
-        """Whether a row (a headline row or not) belongs to this run's selection."""
-        return self.rows == "all" or (self.rows == "headline") == headline
-
-    def time(self, fn: Callable[[], Any]) -> dict[str, Any]:
-        if self.timer != "do_bench" or self.device.type != "cuda":
-            return super().time(fn)
-        from triton.testing import do_bench  # a GPU timer: flushes the L2 before every call
-
-        warmup_ms, rep_ms = DO_BENCH_MS[self.quick]
-        samples = do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
-        stats = runner.summarize_ms(samples)
-        stats.update(samples_ms=list(samples), timer="do_bench")
-        return stats
-
-
-def timing_markdown(ctx: ReportContext) -> str:
-    if ctx.timer == "do_bench" and ctx.device.type == "cuda":
-        warmup_ms, rep_ms = DO_BENCH_MS[ctx.quick]
-        return (f"**Timing**: rows timed per call use `triton.testing.do_bench` ({warmup_ms} ms of "
-                f"warm-up, then {rep_ms} ms of calls, each after a 256 MB write that flushes the "
-                "L2; CUDA events around each call), whatever call counts a section's notes "
-                f"state; rows with their own budgets (spectra, training) use {ctx.warmup} "
-                f"warm-up + {ctx.repeat} timed calls with CUDA events.")
+def timing_markdown(ctx: Context) -> str:
+    if ctx.uses_do_bench:
+        return (f"**Timing**: sgd_step, decay_outer and factored_step rows: {ctx.timing_note()}; "
+                "spectra and training rows (their own budgets): "
+                f"{ctx.warmup} warm-up + {ctx.repeat} timed calls with CUDA events.")
     return (f"**Timing**: {ctx.warmup} warm-up + {ctx.repeat} timed calls per row"
             + (" (--quick)" if ctx.quick else "") + "; "
             + ("CUDA events around each call, one synchronize at the end."
@@ -85,7 +53,7 @@ def timing_markdown(ctx: ReportContext) -> str:
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
-def header_markdown(ctx: ReportContext) -> str:
+def header_markdown(ctx: Context) -> str:
     c = ctx.copy
     load, cpus = ctx.env.get("load_avg_1m"), ctx.env.get("cpu_count") or 1
     busy = ([f"**Warning**: 1-minute load average {load} on {cpus} CPUs when the run started: "
@@ -142,10 +110,8 @@ def main(argv=None) -> int:
     env = runner.environment(device)
     copy = runner.measure_copy_bandwidth(device, warmup=2 if args.quick else 3,
                                          repeat=5 if args.quick else 10)
-    if args.timer == "do_bench" and device.type == "cuda":
-        import triton.testing  # noqa: F401 - fail now, not after the first sections
-    ctx = ReportContext(device=device, quick=args.quick, warmup=warmup, repeat=repeat, copy=copy,
-                        env=env, rows=args.rows, timer=args.timer)
+    ctx = Context(device=device, quick=args.quick, warmup=warmup, repeat=repeat, copy=copy,
+                  env=env, rows=args.rows, timer=args.timer)
     print(header_markdown(ctx), flush=True)
 
     sections = []

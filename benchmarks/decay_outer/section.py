@@ -146,8 +146,8 @@ def decay_outer_section(ctx: Context) -> Section:
         f"(torch.backends.cuda.matmul.allow_tf32 = {_tf32_allowed()}); the Triton kernel follows "
         "that flag, the CUDA C++ kernel is always IEEE fp32 (CUDA cores) for float32 and uses "
         "tensor cores (mma.sync) for bfloat16.",
-        f"{ctx.warmup} untimed + {ctx.repeat} timed calls per row, after one call that compiles "
-        "(and, for Triton, autotunes) the kernels.",
+        f"Timing: {ctx.timing_note()}, after one call that compiles (and, for Triton, "
+        "autotunes) the kernels.",
     ]
     if ctx.device.type != "cuda":
         notes.append(f"CPU: m = n = {size} instead of {cases.SIZE['cuda']} to keep the run short; "

@@ -48,7 +48,7 @@ def factored_step_section(ctx: Context) -> Section:
     notes = [
         f"lr={cases.HYPER['lr']}, weight_decay={cases.HYPER['weight_decay']}, momentum 0, fp32, "
         "MSE loss; one step = zero_grad + forward + backward + optimizer step, timed after a "
-        "warm-up step.",
+        f"warm-up step; {ctx.timing_note('steps')}.",
         "× columns: the anchor's median time over this row's (> 1: this row is faster).",
         "'.grad held' sums the .grad tensors present after backward (the factored weights have "
         "none: only their biases do); 'peak step memory' is CUDA's max_memory_allocated during "

@@ -65,7 +65,7 @@ def sgd_step_section(ctx: Context) -> Section:
     notes = [
         f"lr={cases.HYPER['lr']}, momentum={cases.HYPER['momentum']}, "
         f"weight_decay={cases.HYPER['weight_decay']}, fp32; timed after a warm-up step "
-        f"(momentum buffers exist); {ctx.warmup} untimed + {ctx.repeat} timed steps per row.",
+        f"(momentum buffers exist); {ctx.timing_note('steps')}.",
         "× for-loop / × foreach / × fused = anchor's median time / this row's: > 1 means this "
         "row is faster than that torch.optim.SGD variant.",
         "GB/s counts the minimum traffic of a momentum step, 20 bytes per fp32 param (param, "
