@@ -20,6 +20,7 @@ from torch.optim.optimizer import Optimizer
 
 from ..backends import BackendUnavailableError, check_backend_name, resolve_backend
 from ..ops import sgd_step
+from .compiling import refuse_factored_under_compile
 from .factor_capture import FactorCapture, why_not_capturable
 from .factored_step import factored_update_
 
@@ -305,7 +306,7 @@ class DecaySGD(Optimizer):
         try:
             stepping = self._check_factored(group, grad_scale, found_inf) \
                 if group["factored"] else []
-            params, grads, positions = self._init_group(group)
+            params, grads, positions = self._dense_params(group)
             if not params:
                 return stepping, params, grads, None, []
             labels = _Labels(group, positions)
@@ -328,6 +329,7 @@ class DecaySGD(Optimizer):
     def _check_factored(self, group, grad_scale, found_inf) -> list[torch.Tensor]:
         """The captured weights of a factored group that have factors to step, after the checks
         that can fail."""
+        refuse_factored_under_compile()
         stepping = [p for p in group["params"] if p in self._captures and self._captures[p].active]
         if not self._captures and any(p.grad is None and not p.requires_grad
                                       for p in group["params"]):
@@ -370,9 +372,13 @@ class DecaySGD(Optimizer):
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"], backend=group["backend"])
 
-    def _init_group(self, group):
+    def _dense_params(self, group):
         """The dense params of a group that have a gradient, their grads and their positions in
-        the group (for errors); writes nothing."""
+        the group (for errors); writes nothing.
+
+        Not named ``_init_group``: torch.compile treats a method of that name as torch's own
+        optimizers' state initialisation and breaks the graph when the parameters' grads were
+        written in the same graph (a compiled forward + backward + step)."""
         params, grads, positions = [], [], []
         for i, p in enumerate(group["params"]):
             if p.grad is None or p in self._captures:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from .compiling import refuse_factored_under_compile
+
 
 def why_not_capturable(module: nn.Module) -> str | None:
     """None when the factored path can take ``module``'s weight, else the reason it cannot."""
@@ -92,6 +94,7 @@ class FactorCapture:
         self.active = not set_to_none
 
     def _forward_hook(self, module, inputs, output):
+        refuse_factored_under_compile()
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return None
         record = _Record(inputs[0].detach())
