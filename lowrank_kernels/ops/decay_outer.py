@@ -182,11 +182,26 @@ def _launch(name: str, W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: flo
     step's passes over one weight and its momentum buffer. ``decay`` and ``alpha`` are floats."""
     if W.numel() == 0:
         return W
-    if name == "torch":
-        return W.addmm_(D.t(), F, beta=decay, alpha=alpha)
-    kernel_module("decay_outer", name).launch_decay_outer(W, D.contiguous(), F.contiguous(),
-                                                          decay, alpha)
+    _decay_outer_op(W, D, F, decay, alpha, name)
+    return W
+
+
+# The update as a torch.library op (W declared mutated, a fake implementation for tracing): one
+# opaque node for torch.compile whatever the backend, and something torch.library.opcheck can
+# test. A custom op cannot return an alias of its input, so ``_launch`` returns W itself.
+@torch.library.custom_op("lowrank_kernels::decay_outer_", mutates_args=("W",))
+def _decay_outer_op(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float,
+                    backend: str) -> None:
+    if backend == "torch":
+        W.addmm_(D.t(), F, beta=decay, alpha=alpha)
+        return
+    kernel_module("decay_outer", backend).launch_decay_outer(W, D.contiguous(), F.contiguous(),
+                                                             decay, alpha)
     # The kernel wrote through W's data pointer, which autograd does not see; bump the version
     # as an in-place torch op would.
     torch.autograd.graph.increment_version(W)
-    return W
+
+
+@_decay_outer_op.register_fake
+def _decay_outer_fake(W, D, F, decay, alpha, backend) -> None:
+    return None  # in place only

@@ -83,11 +83,61 @@ def run_launches(launches, params, grads, momentum_buffers, first_step, *, lr, w
                                       _on_device(found_inf, launch.device, "found_inf"))
     for launch in launches:
         index = launch.index
-        p = [params[i] for i in index]
-        g = [grads[i] for i in index]
-        b = [momentum_buffers[i] for i in index] if momentum_buffers is not None else None
-        f = [first_step[i] for i in index]
-        _IMPLEMENTATIONS[launch.backend](p, g, b, f, *scalars[launch.device], **hyper)
+        p = [local_tensor(params[i]) for i in index]
+        g = [local_tensor(grads[i]) for i in index]
+        b = [local_tensor(momentum_buffers[i]) for i in index] \
+            if momentum_buffers is not None else []
+        f = [bool(first_step[i]) for i in index]
+        step_lr, scale, inf = scalars[launch.device]
+        tensor_lr = step_lr if isinstance(step_lr, torch.Tensor) else None
+        _sgd_step_op(p, g, b, f, 0.0 if tensor_lr is not None else step_lr, tensor_lr, scale, inf,
+                     launch.backend, **hyper)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2's parameters, their grads and buffers), which shares
+    its storage, so stepping it in place steps the DTensor; any other tensor as it is. The step
+    is elementwise, so stepping each shard is exactly stepping the whole."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+# ----------------------------------------------------------------------------------------------
+# The launch as a torch.library op: torch.compile sees one opaque, schema-checked node (its
+# mutations declared, a fake implementation for tracing) instead of pointer arithmetic, and
+# torch.library.opcheck can test it. Planning (backend choice, duplicates, checks) stays in Python
+# above; one call is one launch of one concrete backend.
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("lowrank_kernels::fused_sgd_step_",
+                         mutates_args=("params", "momentum_buffers"))
+def _sgd_step_op(params: list[torch.Tensor], grads: list[torch.Tensor],
+                 momentum_buffers: list[torch.Tensor], first_step: list[bool], lr: float,
+                 lr_tensor: torch.Tensor | None, grad_scale: torch.Tensor | None,
+                 found_inf: torch.Tensor | None, backend: str, weight_decay: float,
+                 momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                 decoupled_weight_decay: bool) -> None:
+    if backend not in _IMPLEMENTATIONS:
+        raise ValueError(f"lowrank_kernels::fused_sgd_step_: unknown backend {backend!r}")
+    _IMPLEMENTATIONS[backend](
+        params, grads, momentum_buffers if momentum != 0 else None, first_step,
+        lr_tensor if lr_tensor is not None else lr, grad_scale, found_inf,
+        weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+
+
+@_sgd_step_op.register_fake
+def _sgd_step_fake(params, grads, momentum_buffers, first_step, lr, lr_tensor, grad_scale,
+                   found_inf, backend, weight_decay, momentum, dampening, nesterov, maximize,
+                   decoupled_weight_decay) -> None:
+    return None  # in place only: params and buffers keep their shapes, nothing is returned
 
 
 class Launch(NamedTuple):

@@ -148,7 +148,6 @@ def device_guard(device: torch.device):
 
 
 def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Tensor, Tensor]:
-    kernels = kernel_module("symmetric_eig", name)
     a = a.detach()  # the kernels have no backward
     # Power-of-two scaling per matrix, so that the largest |entry| lies in [0.5, 1): no overflow or
     # underflow in the kernels' squared norms. The exponent is clamped so both factors are normal
@@ -158,8 +157,7 @@ def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Ten
     limit = 126 if a.dtype == torch.float32 else 1022
     exponent = exponent.clamp(-limit, limit).to(a.dtype)
     scaled = (a * torch.pow(2.0, -exponent)[:, None, None]).contiguous()
-    with device_guard(a.device):
-        w, vt = kernels.launch_symmetric_eig(scaled, max_sweeps, tol)
+    w, vt = _symmetric_eig_op(scaled, max_sweeps, tol, name)
     w = w * torch.pow(2.0, exponent)[:, None]
     # NaN propagates through amax (and Inf stays Inf): such a matrix gets NaN results, decided
     # on the device without a host sync.
@@ -170,3 +168,21 @@ def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Ten
     vt = torch.gather(vt, 1, order[:, :, None].expand_as(vt))
     # V^T is contiguous, so V has torch.linalg.eigh's column-major layout.
     return w, vt.mT
+
+
+# The Jacobi kernel as a torch.library op: (b, n, n) contiguous, scaled to entries <= 1 ->
+# unsorted eigenvalues (b, n) and V^T (b, n, n), both new contiguous tensors. One opaque node
+# for torch.compile (the scaling and sorting around it are plain torch ops), with a fake
+# implementation for tracing. The torch backend is torch.linalg.eigh itself, differentiable, and
+# needs no op of its own.
+@torch.library.custom_op("lowrank_kernels::symmetric_eig", mutates_args=())
+def _symmetric_eig_op(a: Tensor, max_sweeps: int, tol: float,
+                      backend: str) -> tuple[Tensor, Tensor]:
+    with device_guard(a.device):
+        return kernel_module("symmetric_eig", backend).launch_symmetric_eig(a, max_sweeps, tol)
+
+
+@_symmetric_eig_op.register_fake
+def _symmetric_eig_fake(a, max_sweeps, tol, backend):
+    b, n, _ = a.shape
+    return a.new_empty((b, n)), a.new_empty((b, n, n))
