@@ -9,7 +9,6 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
