@@ -182,3 +182,15 @@ def test_under_torchrun_only_rank_0_prints_a_shared_error(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert code == 2
     assert (err.count("train.py: error:") == 1) if printed else err == ""
+
+
+def test_a_backend_that_cannot_run_here_is_a_clean_error_before_any_data_is_read(tmp_path, capsys,
+                                                                                 monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded before --backend was checked")
+
+    monkeypatch.setattr(train.data_mod, "load_dataset", no_data)
+    assert train.cli([*SMALL, "--epochs", "1", "--device", "cpu", "--backend", "cuda",
+                      "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: --backend cuda cannot run on cpu"), err

@@ -58,6 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lowrank_kernels import RankTracker  # noqa: E402
+from lowrank_kernels.backends import why_unavailable  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import data as data_mod  # noqa: E402
 from training import models  # noqa: E402
@@ -449,11 +450,22 @@ def main(argv: list[str] | None = None, *, epoch_callback: Callable[[dict], Any]
         raise ConfigError(f"{err}. The run was trained on {start.state['resolved']['device']}; pass "
                           "--device to continue elsewhere (the results will then differ from an "
                           "uninterrupted run)") from None
+    _check_backend(cfg, device)
     try:
         return _run(start, distributed, device, epoch_callback)
     finally:
         if distributed.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_backend(cfg: dict, device: torch.device) -> None:
+    """--backend must run on the device before any data or model is loaded (DecaySGD would
+    refuse it at construction, as a traceback)."""
+    if cfg["optimizer"] == "sgd":
+        return
+    reason = why_unavailable(cfg["backend"], device) if cfg["backend"] != "auto" else None
+    if reason is not None:
+        raise ConfigError(f"--backend {cfg['backend']} cannot run on {device}: {reason}")
 
 
 def _run(start: RunStart, distributed: Distributed, device: torch.device, epoch_callback) -> Path:

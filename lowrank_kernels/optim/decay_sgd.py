@@ -221,6 +221,29 @@ class DecaySGD(Optimizer):
     # saved with backend="cuda" must load on a machine without a GPU).
     _PLACEMENT_OPTIONS = ("factored", "backend")
 
+    # torch.optim.SGD's group options that DecaySGD accepts and does not use (its step is always
+    # fused), with torch's defaults: torch SGD, loading them, picks its own implementation.
+    _TORCH_SGD_OPTIONS = {"foreach": None, "fused": None, "differentiable": False}
+    _OWN_OPTION_DEFAULTS = {"decoupled_weight_decay": False, "backend": "auto", "factored": False}
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.SGD's state dict: the same state and param-group keys (DecaySGD's own
+        options only where they are not at their defaults).
+
+        The same keys, so that ``torch.distributed.checkpoint.state_dict``'s full state dicts
+        (``StateDictOptions(full_state_dict=True)``) load either way between the two: without
+        ``broadcast_from_rank0`` they fail (KeyError) on a group key the loading optimizer lacks.
+        DecaySGD's own options go in only when not at their defaults (which a state dict without
+        them loads as, see ``__setstate__``)."""
+        state = super().state_dict()
+        for group in state["param_groups"]:  # copies of the groups, without their params
+            for key, default in self._OWN_OPTION_DEFAULTS.items():
+                if group.get(key, default) == default:
+                    group.pop(key, None)
+            for key, default in self._TORCH_SGD_OPTIONS.items():
+                group.setdefault(key, default)
+        return state
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         placement = [{k: g[k] for k in self._PLACEMENT_OPTIONS} for g in self.param_groups]
         super().load_state_dict(state_dict)

@@ -68,6 +68,28 @@ class _JoinGraph(torch.autograd.Function):
         return grad_output, None
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter sharded by FSDP2's ``fully_shard`` or tensor
+    parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def check_not_sharded(weight: Tensor, what: str) -> None:
+    """Factored mode steps a whole weight from factors computed on one process: a sharded weight
+    (a DTensor) raises NotImplementedError naming the limit."""
+    if is_dtensor(weight):
+        raise NotImplementedError(
+            f"factored mode does not support sharded weights: {what} is a DTensor "
+            f"(placements {tuple(weight.placements)}), as torch.distributed.fsdp.fully_shard "
+            "(FSDP2) and tensor parallelism make them; its factors are neither gathered nor "
+            "reduce-scattered across ranks. Use factored=False (the dense step runs on the local "
+            "shards)")
+
+
 class FactorCapture:
     """Hooks on one layer that collect (D, F) for every forward/backward since the last ``clear``.
 
@@ -79,6 +101,7 @@ class FactorCapture:
         reason = why_not_capturable(module)
         if reason is not None:
             raise ValueError(f"cannot capture gradient factors of {type(module).__name__}: {reason}")
+        check_not_sharded(module.weight, f"the weight of this {type(module).__name__}")
         self.module = module
         self.anchor = anchor
         self.records: list[_Record] = []

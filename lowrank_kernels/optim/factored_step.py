@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..ops.decay_outer import DTYPES as KERNEL_DTYPES
 from ..ops.decay_outer import _launch, check_inputs, choose_backend
+from .factor_capture import check_not_sharded
 
 
 def _outer_(target: Tensor, factors: tuple[Tensor, Tensor] | None, decay: float, alpha: float,
@@ -82,6 +83,7 @@ def factored_update_(weight: Tensor, factors: tuple[Tensor, Tensor] | None,
                      maximize: bool, decoupled_weight_decay: bool,
                      backend: str | None = "auto") -> None:
     """One SGD step of ``weight`` whose gradient is ``D^T F`` (``factors``; None: zero gradient)."""
+    check_not_sharded(weight, "factored_update_'s weight")
     s = -1.0 if maximize else 1.0
     lr, wd = float(lr), float(weight_decay)
     momentum, keep = float(momentum), 1.0 - float(dampening)
