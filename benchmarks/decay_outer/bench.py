@@ -18,11 +18,10 @@ import time
 import pytest
 
 import runner
+from suite import DEVICE, ON_GPU, skip_unrunnable
 
 from . import cases
 
-DEVICE = runner.default_device()
-ON_GPU = DEVICE.type == "cuda"
 ROUNDS = 50 if ON_GPU else 5
 WARMUP_ROUNDS = 5 if ON_GPU else 1
 SIZE = cases.size_for(DEVICE)
@@ -47,7 +46,7 @@ def test_decay_outer(benchmark, problem, contender):
     try:
         step, note = cases.prepare(c, problem)
     except (RuntimeError, ValueError, TypeError) as exc:
-        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+        skip_unrunnable(c.label, exc)
     if not ON_GPU:
         start = time.perf_counter()
         step()

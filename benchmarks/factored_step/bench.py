@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 
 import runner
+from suite import DEVICE, ON_GPU, skip_unrunnable
 
 from . import cases
 
-DEVICE = runner.default_device()
-ON_GPU = DEVICE.type == "cuda"
 
 
 @pytest.mark.parametrize("contender", [c.key for c in cases.CONTENDERS])
@@ -23,7 +22,7 @@ def test_factored_training_step(benchmark, contender):
     try:
         step, model, opt = cases.build(c, DEVICE)
     except (RuntimeError, ValueError, TypeError) as exc:
-        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+        skip_unrunnable(c.label, exc)
 
     width = cases.width_for(DEVICE)
     benchmark.group = f"training step, MLP {cases.DEPTH}x{width}, batch {cases.BATCH}"

@@ -1,5 +1,5 @@
 """Shared by the GPU check's stage scripts: the device, the backends to check, a recorder of
-passed / failed / skipped checks, and exact and tolerant comparisons.
+passed / failed / skipped checks, exact and tolerant comparisons, and decay_outer_'s inputs.
 
 Importing this module before ``lowrank_kernels`` switches Triton's CPU interpreter on when there
 is no GPU (as ``tests/conftest.py`` does), so that a dry run on a CPU still runs the Triton
@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -23,6 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from lowrank_kernels import decay_outer_  # noqa: E402
 from lowrank_kernels.backends import BACKENDS, why_unavailable  # noqa: E402
 
 DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN", "0").lower() in ("1", "true", "yes", "on")
@@ -41,6 +42,19 @@ def why_backend_skipped(backend: str) -> str | None:
     if reason is None and backend == "cuda" and not ON_GPU:
         reason = "the CUDA C++ kernels need a GPU"
     return reason
+
+
+def runnable(report: Checks, backends: Iterable[str], what: str) -> list[str]:
+    """The ``backends`` that run here; each of the others is recorded as a SKIP of
+    ``what[backend]`` with the reason."""
+    names = []
+    for backend in backends:
+        reason = why_backend_skipped(backend)
+        if reason is None:
+            names.append(backend)
+        else:
+            report.skip(f"{what}[{backend}]", reason)
+    return names
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -62,6 +76,12 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float) -> f
         return 0.0
     err = (a - e).abs() / e.abs().clamp_min(floor)
     return float(err.max()) if not bool(torch.isnan(err).any()) else float("nan")
+
+
+def normwise_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64."""
+    scale = float(expected.detach().double().abs().max().clamp_min(1e-30))
+    return float((actual.double() - expected.double()).abs().max()) / scale
 
 
 class Checks:
@@ -109,3 +129,28 @@ class Checks:
 def synchronize() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
+
+
+# decay_outer_'s decay and alpha in every check: one SGD step, lr 0.1, weight decay 5e-3.
+DECAY, ALPHA = 0.9995, -0.1
+
+
+def decay_inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """(W, D, F) of an m x n decay_outer_ problem with k factor pairs, at a training step's
+    magnitudes, drawn on the CPU (the same values on every device) and moved to the device."""
+    gen = torch.Generator().manual_seed(seed)
+    W = (torch.randn(m, n, generator=gen) * 0.02).to(DEVICE, dtype)
+    D = (torch.randn(k, m, generator=gen) * 1e-2).to(DEVICE, dtype)
+    F = torch.randn(k, n, generator=gen).to(DEVICE, dtype)
+    return W, D, F
+
+
+def decay_outer_vs_torch(backend: str, m: int, n: int, k: int, dtype: torch.dtype,
+                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, torch's): decay_outer_ of the same inputs on ``backend`` and on the torch backend."""
+    W, D, F = decay_inputs(m, n, k, dtype, seed)
+    ours, ref = W.clone(), W.clone()
+    decay_outer_(ours, D, F, DECAY, ALPHA, backend=backend)
+    decay_outer_(ref, D, F, DECAY, ALPHA, backend="torch")
+    synchronize()
+    return ours, ref

@@ -28,7 +28,7 @@ import argparse
 import torch
 
 import checks
-from checks import DEVICE, DRY_RUN, ON_GPU, Checks, bits_equal
+from checks import ALPHA, DECAY, DEVICE, DRY_RUN, ON_GPU, Checks, bits_equal, decay_inputs
 
 from lowrank_kernels import decay_outer_, fused_sgd_step_
 from lowrank_kernels.backends import BACKENDS
@@ -45,18 +45,6 @@ EIGH_LIMIT = {torch.float32: (5e-5, 1e-4), torch.float64: (1e-11, 1e-10)}  # eig
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def backends() -> list[str]:
-    """Every backend that runs here (torch included: it is an implementation too)."""
-    return [b for b in BACKENDS if checks.why_backend_skipped(b) is None]
-
-
-def report_skipped_backends(report: Checks, op: str) -> None:
-    for b in BACKENDS:
-        reason = checks.why_backend_skipped(b)
-        if reason is not None:
-            report.skip(f"{op}[{b}]", reason)
 
 
 def offset_view(t: torch.Tensor, offset: int = 1) -> torch.Tensor:
@@ -187,23 +175,12 @@ def check_found_inf(report: Checks, backend: str, dtype: torch.dtype) -> None:
 # ----------------------------------------------------------------------------------------------
 # decay_outer_
 # ----------------------------------------------------------------------------------------------
-DECAY, ALPHA = 0.9995, -0.1
-
-
 def decay_problems() -> list[tuple[int, int, int]]:
     # Shapes chosen to hit both integer specialisations of a Triton kernel (multiples of 16 and
     # not) without a fresh autotuning for every K.
     if DRY_RUN:
         return [(40, 24, 1), (33, 17, 20)]
     return [(192, 160, 64), (129, 67, 1), (129, 67, 7), (129, 67, 300)]
-
-
-def decay_inputs(m, n, k, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    W = (torch.randn(m, n, generator=gen) * 0.02).to(DEVICE, dtype)
-    D = (torch.randn(k, m, generator=gen) * 1e-2).to(DEVICE, dtype)
-    F = torch.randn(k, n, generator=gen).to(DEVICE, dtype)
-    return W, D, F
 
 
 def decay_reference(W, D, F):
@@ -411,9 +388,9 @@ def check_eigh_big(report: Checks, backend: str) -> None:
 # ----------------------------------------------------------------------------------------------
 def part_small(report: Checks) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False      # IEEE fp32, the float32 contract
-    names = backends()
+    # Every backend that runs here, torch included (it is an implementation too).
     for op in ("sgd_step", "decay_outer_", "batched_eigh"):
-        report_skipped_backends(report, op)
+        names = checks.runnable(report, BACKENDS, op)  # the same list each time; skips per op
     sgd_dtypes = (torch.float32, torch.bfloat16) if DRY_RUN else (torch.float32, torch.bfloat16,
                                                                    torch.float16)
     for backend in names:
@@ -462,11 +439,7 @@ def part_large(report: Checks) -> None:
         report.skip(label, f"needs about 48 GiB of free GPU memory, {free / 2**30:.0f} GiB free")
         return
     torch.backends.cuda.matmul.allow_tf32 = False
-    for backend in checks.KERNEL_BACKENDS:
-        reason = checks.why_backend_skipped(backend)
-        if reason is not None:
-            report.skip(f"{label}[{backend}]", reason)
-            continue
+    for backend in checks.runnable(report, checks.KERNEL_BACKENDS, label):
         report.run(f"sgd_step[{backend}] big", lambda: check_sgd_step_big(report, backend))
         report.run(f"decay_outer_[{backend}] big", lambda: check_decay_outer_big(report, backend))
         report.run(f"batched_eigh[{backend}] big", lambda: check_eigh_big(report, backend))

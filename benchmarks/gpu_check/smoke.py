@@ -12,18 +12,13 @@ from __future__ import annotations
 import torch
 
 import checks
-from checks import DEVICE, DRY_RUN, KERNEL_BACKENDS, Checks
+from checks import DEVICE, DRY_RUN, KERNEL_BACKENDS, Checks, normwise_err
 
-from lowrank_kernels import decay_outer_, fused_sgd_step_
+from lowrank_kernels import fused_sgd_step_
 from lowrank_kernels.ops.symmetric_eig import batched_eigh
 
 # Normwise error bounds against the torch backend: max |ours - torch| / max |torch|.
 LIMIT = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def normwise_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = float(expected.detach().double().abs().max().clamp_min(1e-30))
-    return float((actual.double() - expected.double()).abs().max()) / scale
 
 
 def sgd_inputs(seed: int):
@@ -51,14 +46,7 @@ def smoke_sgd_step(report: Checks, backend: str) -> None:
 
 def smoke_decay_outer(report: Checks, backend: str, dtype: torch.dtype) -> None:
     m, n, k = (40, 24, 8) if DRY_RUN else (192, 160, 64)
-    gen = torch.Generator().manual_seed(1)
-    W0 = (torch.randn(m, n, generator=gen) * 0.02).to(DEVICE, dtype)
-    D = (torch.randn(k, m, generator=gen) * 1e-2).to(DEVICE, dtype)
-    F = torch.randn(k, n, generator=gen).to(DEVICE, dtype)
-    ours, ref = W0.clone(), W0.clone()
-    decay_outer_(ours, D, F, 0.9995, -0.1, backend=backend)
-    decay_outer_(ref, D, F, 0.9995, -0.1, backend="torch")
-    checks.synchronize()
+    ours, ref = checks.decay_outer_vs_torch(backend, m, n, k, dtype, seed=1)
     err = normwise_err(ours, ref)
     name = str(dtype).removeprefix("torch.")
     report.check(err <= LIMIT[dtype], f"decay_outer_[{backend}] {name} {m}x{n} K={k}",
@@ -83,11 +71,7 @@ def smoke_batched_eigh(report: Checks, backend: str) -> None:
 
 def main() -> int:
     report = Checks("smoke")
-    for backend in KERNEL_BACKENDS:
-        reason = checks.why_backend_skipped(backend)
-        if reason is not None:
-            report.skip(f"{backend} kernels (sgd_step, decay_outer_, batched_eigh)", reason)
-            continue
+    for backend in checks.runnable(report, KERNEL_BACKENDS, "every kernel"):
         report.run(f"sgd_step[{backend}]", lambda: smoke_sgd_step(report, backend))
         for dtype in (torch.float32, torch.bfloat16):
             report.run(f"decay_outer_[{backend}] {dtype}",

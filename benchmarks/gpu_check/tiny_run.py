@@ -16,15 +16,14 @@ from __future__ import annotations
 import torch
 
 import checks
-from checks import DEVICE, KERNEL_BACKENDS, Checks
+from checks import DEVICE, KERNEL_BACKENDS, Checks, normwise_err
 
-from lowrank_kernels import decay_outer_, fused_sgd_step_
+from lowrank_kernels import fused_sgd_step_
 from lowrank_kernels.ops.symmetric_eig import batched_eigh
 
 
 def close(a: torch.Tensor, b: torch.Tensor, limit: float) -> bool:
-    scale = float(b.double().abs().max().clamp_min(1e-30))
-    return float((a.double() - b.double()).abs().max()) / scale <= limit
+    return normwise_err(a, b) <= limit
 
 
 def tiny_sgd_step(report: Checks, backend: str) -> None:
@@ -50,14 +49,7 @@ def tiny_sgd_step(report: Checks, backend: str) -> None:
 def tiny_decay_outer(report: Checks, backend: str) -> None:
     for dtype, limit in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         for m, n, k in ((19, 13, 1), (33, 40, 20)):
-            gen = torch.Generator().manual_seed(1)
-            W = (torch.randn(m, n, generator=gen) * 0.02).to(DEVICE, dtype)
-            D = (torch.randn(k, m, generator=gen) * 1e-2).to(DEVICE, dtype)
-            F = torch.randn(k, n, generator=gen).to(DEVICE, dtype)
-            ours, ref = W.clone(), W.clone()
-            decay_outer_(ours, D, F, 0.9995, -0.1, backend=backend)
-            decay_outer_(ref, D, F, 0.9995, -0.1, backend="torch")
-            checks.synchronize()
+            ours, ref = checks.decay_outer_vs_torch(backend, m, n, k, dtype, seed=1)
             report.check(close(ours, ref, limit), f"decay_outer_[{backend}] {dtype} {m}x{n} K={k}")
 
 
@@ -74,11 +66,7 @@ def tiny_batched_eigh(report: Checks, backend: str) -> None:
 
 def main() -> int:
     report = Checks("tiny run")
-    for backend in KERNEL_BACKENDS:
-        reason = checks.why_backend_skipped(backend)
-        if reason is not None:
-            report.skip(f"{backend} kernels", reason)
-            continue
+    for backend in checks.runnable(report, KERNEL_BACKENDS, "every kernel"):
         for fn in (tiny_sgd_step, tiny_decay_outer, tiny_batched_eigh):
             report.run(f"{fn.__name__}[{backend}]", lambda: fn(report, backend))
     return report.finish()

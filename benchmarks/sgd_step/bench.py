@@ -15,26 +15,17 @@ import pytest
 
 import param_sets
 import runner
+from suite import DEVICE, ON_GPU, device_set_fixture, skip_unrunnable
 
 from . import cases
 
-DEVICE = runner.default_device()
-ON_GPU = DEVICE.type == "cuda"
 ROUNDS = 50 if ON_GPU else 5
 WARMUP_ROUNDS = 5 if ON_GPU else 1
 
 
-@pytest.fixture(scope="module", params=list(param_sets.ALL_PARAM_SETS))
-def param_set(request):
-    """(ParamSet, params with grads) on the benchmark device; shared by every contender."""
-    reason = param_sets.PARAM_SETS.why_not_on(request.param, DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
-    ps = param_sets.ALL_PARAM_SETS[request.param]()
-    params = param_sets.materialize(ps, DEVICE)
-    yield ps, params
-    del params
-    runner.free(DEVICE)
+# (ParamSet, params with grads) on the benchmark device; shared by every contender.
+param_set = device_set_fixture("param_set", param_sets.PARAM_SETS,
+                               lambda ps: (ps, param_sets.materialize(ps, DEVICE)))
 
 
 @pytest.mark.parametrize("contender", [c.key for c in cases.ALL_CONTENDERS])
@@ -47,7 +38,7 @@ def test_sgd_step(benchmark, param_set, contender):
     try:
         opt = cases.prepare(c, params)
     except (RuntimeError, ValueError, TypeError) as exc:  # e.g. fused=True unsupported here
-        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+        skip_unrunnable(c.label, exc)
 
     benchmark.group = f"sgd_step[{ps.name}] {ps.n_tensors} tensors, {ps.n_params:,} params"
     benchmark.extra_info.update(

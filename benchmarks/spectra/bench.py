@@ -17,27 +17,19 @@ from __future__ import annotations
 import pytest
 
 import runner
+from suite import DEVICE, ON_GPU, device_set_fixture, skip_unrunnable
 
 from . import cases
 
-DEVICE = runner.default_device()
-ON_GPU = DEVICE.type == "cuda"
 # The CPU loops of LAPACK SVDs take seconds per call on the Transformer set: few rounds there.
 ROUNDS = 20 if ON_GPU else 3
 WARMUP_ROUNDS = 2 if ON_GPU else 0
 
 
-@pytest.fixture(scope="module", params=list(cases.ALL_MATRIX_SETS))
-def matrix_set(request):
-    """(MatrixSet, matrices on the benchmark device, float64 reference values)."""
-    reason = cases.MATRIX_SETS.why_not_on(request.param, DEVICE)
-    if reason is not None:
-        pytest.skip(reason)
-    ms = cases.ALL_MATRIX_SETS[request.param]()
-    matrices = cases.materialize(ms, DEVICE)
-    yield ms, matrices, cases.reference_values(ms)
-    del matrices
-    runner.free(DEVICE)
+# (MatrixSet, matrices on the benchmark device, float64 reference values).
+matrix_set = device_set_fixture(
+    "matrix_set", cases.MATRIX_SETS,
+    lambda ms: (ms, cases.materialize(ms, DEVICE), cases.reference_values(ms)))
 
 
 @pytest.mark.parametrize("contender", [c.key for c in cases.CONTENDERS])
@@ -50,7 +42,7 @@ def test_spectra(benchmark, matrix_set, contender):
     try:
         result = c.run(matrices)  # warm-up, and the accuracy of this contender
     except (RuntimeError, ValueError, TypeError, ImportError) as exc:
-        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+        skip_unrunnable(c.label, exc)
 
     benchmark.group = (f"spectra[{ms.name}] {ms.n_matrices} matrices, {ms.n_shape_groups} shapes, "
                        f"{ms.n_weights:,} weights")

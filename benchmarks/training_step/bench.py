@@ -15,11 +15,10 @@ from __future__ import annotations
 import pytest
 
 import runner
+from suite import DEVICE, ON_GPU, skip_unrunnable
 
 from . import cases
 
-DEVICE = runner.default_device()
-ON_GPU = DEVICE.type == "cuda"
 BLOCK = cases.TRACK_EVERY_SPARSE if ON_GPU else 2
 
 
@@ -37,7 +36,7 @@ def test_training_step(benchmark, contender, batches):
     try:
         case = cases.build(c, DEVICE, batches)
     except (RuntimeError, ValueError, TypeError) as exc:
-        pytest.skip(f"{c.label} cannot run on {DEVICE.type}: {type(exc).__name__}: {exc}")
+        skip_unrunnable(c.label, exc)
 
     def block():
         for _ in range(BLOCK):
