@@ -22,7 +22,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..backends import BackendUnavailableError, kernel_module, resolve_backend
-from . import multi_tensor
+from . import multi_tensor, sgd_step_torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TORCH_DTYPES = KERNEL_DTYPES + (torch.float64,)
@@ -368,7 +368,7 @@ def _kernel_step(backend: str):
 
 
 _IMPLEMENTATIONS = {
-    "torch": _step_torch,
+    "torch": sgd_step_torch.step_torch,
     "triton": _kernel_step("triton"),
     "cuda": _kernel_step("cuda"),
 }
