@@ -367,7 +367,8 @@ class DecaySGD(Optimizer):
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             raise RuntimeError("DecaySGD(factored=True) does not support data-parallel training "
-                               "(the factors are not all-reduced); use factored=False under DDP")
+                               "(DDP or FSDP: the factors are neither all-reduced nor gathered "
+                               "across ranks); use factored=False under DDP or FSDP")
         for p in stepping:
             if p.grad is not None or p.requires_grad:
                 raise RuntimeError("DecaySGD(factored=True): a factored weight requires grad or "
