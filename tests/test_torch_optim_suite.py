@@ -385,14 +385,15 @@ def test_no_grad_and_zero_grad_steps_match_torch_sgd(optim_input, device, backen
 
 @pytest.mark.parametrize("optim_input", BASE_INPUTS, ids=_ids(BASE_INPUTS))
 def test_found_inf_skips_the_step(optim_input, device, backend):
-    """TestOptimRenewed's test_fused_does_not_step_if_foundinf, with and without grad_scale."""
-    for grad_scale in (None, torch.ones((), device=device)):
+    """TestOptimRenewed's test_fused_does_not_step_if_foundinf, with and without grad_scale;
+    also a found_inf of 2 (DecaySGD skips on any non-zero value)."""
+    for grad_scale, inf in ((None, 1.0), (torch.ones((), device=device), 1.0), (None, 2.0)):
         params = [torch.ones(3, device=device, requires_grad=True) for _ in range(4)]
         for p in params:
             p.grad = torch.ones_like(p)
         ours = DecaySGD(params, **_fresh_kwargs(optim_input.kwargs), backend=backend)
         ours.grad_scale = grad_scale
-        ours.found_inf = torch.ones((), device=device)
+        ours.found_inf = torch.full((), inf, device=device)
         ours.step()
         assert all(torch.equal(p.detach(), torch.ones(3, device=device)) for p in params)
 
