@@ -42,16 +42,9 @@ def step_torch(params, grads, bufs, first, lr, grad_scale, found_inf, *, weight_
     """One step over a launch (tensors of one device and dtype, none listed twice): ``bufs``
     is None without momentum, ``first[i]`` starts buffer i from the gradient, ``lr`` a float or
     a one-element tensor, ``grad_scale`` / ``found_inf`` one-element fp32 tensors or None."""
-    if found_inf is not None and bool(found_inf.item()):
+    if not params or (found_inf is not None and bool(found_inf.item())):
         return
     lr = float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not keep:
-        return
-    if len(keep) < len(params):
-        params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-        bufs = [bufs[i] for i in keep] if bufs is not None else None
-        first = [first[i] for i in keep]
     hyper = dict(weight_decay=weight_decay, momentum=momentum, dampening=dampening,
                  nesterov=nesterov, maximize=maximize,
                  decoupled_weight_decay=decoupled_weight_decay)
@@ -64,13 +57,21 @@ def step_torch(params, grads, bufs, first, lr, grad_scale, found_inf, *, weight_
         _step_foreach(params, grads, bufs, first, lr, **hyper)
         return
     fused, rest = [], []
-    for i in range(len(params)):
-        group = [params[i], grads[i]] if bufs is None else [params[i], grads[i], bufs[i]]
-        (fused if flat_compatible(group) else rest).append(i)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        b = bufs[i] if bufs is not None else None
+        (fused if _laid_out_alike(p, g, b) else rest).append(i)
     if rest:
         _step_foreach(*_select(rest, params, grads, bufs, first), lr, **hyper)
     if fused:
         _step_fused(*_select(fused, params, grads, bufs, first), lr, **hyper)
+
+
+def _laid_out_alike(p, g, b) -> bool:
+    """Element i of each is element i of its flat storage (checked cheaply when contiguous: this
+    runs per tensor and step)."""
+    if p.is_contiguous() and g.is_contiguous() and (b is None or b.is_contiguous()):
+        return True
+    return flat_compatible([p, g] if b is None else [p, g, b])
 
 
 def _select(index, params, grads, bufs, first):
