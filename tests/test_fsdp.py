@@ -6,15 +6,18 @@ it with ``fully_shard`` (uneven shards, and one rank holding an empty shard of t
 and steps it with DecaySGD and, from the same init, with ``torch.optim.SGD``. The tests below
 read what each rank measured:
 
-* stepping the local shards is exactly stepping the whole: each backend's sharded step equals
-  its step of unsharded copies given the gathered grads, bit for bit (the step is elementwise);
-* against torch SGD on the same sharded model, the torch backend is bit-identical (the same fp32
-  operations in the same order); a kernel backend agrees to a few fp32 ulps (its own rounding,
-  as on unsharded params);
+* stepping the local shards is stepping the whole: each kernel backend's sharded step equals its
+  step of unsharded copies given the gathered grads, bit for bit (the step is elementwise and
+  every element takes the same path). The torch backend on the CPU is torch's fused kernel
+  (``torch._fused_sgd_``), whose vectorised body and scalar tail round differently, so where a
+  shard boundary moves elements between the two it agrees to ROUNDING, not bitwise;
+* against torch SGD on the same sharded model, every backend agrees to ROUNDING (a few fp32 ulps
+  of the params, ~0.5 here, after STEPS steps: the kernels' and the fused kernel's own rounding);
 * the momentum buffers are DTensors placed like their params, as torch SGD's are;
 * optimizer state dicts move both ways between DecaySGD and torch SGD through
   ``torch.distributed.checkpoint.state_dict`` (sharded and full), and stepping on from the loaded
-  state matches the optimizer that saved it, bit for bit;
+  state matches the optimizer that saved it (the loaded state bit for bit, the steps after it to
+  ROUNDING);
 * factored mode under FSDP2 and under DDP raises an error that names the limit.
 
 ``torch.optim.SGD(fused=True)`` is not a reference here: torch has no DTensor sharding strategy
@@ -100,6 +103,12 @@ def _train_beside_whole_copy(model, opt, make_opt, rank: int) -> dict:
             exact &= torch.equal(a, b)
             worst = max(worst, (a.double() - b.double()).abs().max().item())
     return {"exact": exact, "max_abs_diff": worst}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of one backend against another (ROUNDING, defined below)."""
+    return a.shape == b.shape and (a.numel() == 0 or
+                                   (a.double() - b.double()).abs().max().item() <= ROUNDING)
 
 
 def _compare(model_a, model_b) -> dict:
@@ -236,9 +245,9 @@ def _state_dict_difference(ours: dict, theirs: dict) -> list[str]:
             if type(x) is not type(y):
                 problems.append(f"{key}.{entry}: {type(x).__name__} vs {type(y).__name__}")
             elif isinstance(x, DTensor):
-                if x.placements != y.placements or not torch.equal(x.to_local(), y.to_local()):
+                if x.placements != y.placements or not _close(x.to_local(), y.to_local()):
                     problems.append(f"{key}.{entry}: local shards or placements differ")
-            elif isinstance(x, torch.Tensor) and not torch.equal(x, y):
+            elif isinstance(x, torch.Tensor) and not _close(x, y):
                 problems.append(f"{key}.{entry}: values differ")
     for i, (g, h) in enumerate(zip(ours["param_groups"], theirs["param_groups"])):
         shared = {k: (g[k], h[k]) for k in h if k in g and g[k] != h[k]}
@@ -337,12 +346,20 @@ def _runs(result: dict) -> int:
     return len(CONFIGS) - 1 + len(result["backends"])
 
 
+# A few fp32 ulps of params around 0.5 (the rounding of one backend against another).
+ROUNDING = 4 * 2.0 ** -24
+
+
 def _entries(result: dict, section: str, suffix: str) -> dict:
     return {k: v for k, v in result[section].items() if k.endswith(suffix)}
 
 
 def _not_exact(entries: dict) -> dict:
     return {k: v for k, v in entries.items() if not v["exact"]}
+
+
+def _far(entries: dict) -> dict:
+    return {k: v for k, v in entries.items() if v["max_abs_diff"] > ROUNDING}
 
 
 def test_cpu_backends_include_a_kernel_launch(ranks):
@@ -353,12 +370,14 @@ def test_cpu_backends_include_a_kernel_launch(ranks):
                     "TRITON_INTERPRET=1, which tests/conftest.py sets without a GPU)")
 
 
-def test_stepping_the_shards_is_exactly_stepping_the_whole(ranks):
+def test_stepping_the_shards_is_stepping_the_whole(ranks):
     # Every backend, sharded against unsharded with the gathered grads: the step is elementwise.
     for rank, result in enumerate(ranks):
         compared = _entries(result, "step", "/vs/whole")
         assert len(compared) == _runs(result)
-        assert not _not_exact(compared), f"rank {rank}: {_not_exact(compared)}"
+        kernels = {k: v for k, v in compared.items() if k.split("/")[1] != "torch"}
+        assert not _not_exact(kernels), f"rank {rank}: {_not_exact(kernels)}"
+        assert not _far(compared), f"rank {rank}: {_far(compared)}"
 
 
 @pytest.mark.parametrize("reference", ["torch-foreach=False", "torch-foreach=True"])
@@ -366,12 +385,7 @@ def test_steps_on_fsdp2_shards_match_torch_sgd(ranks, reference):
     for rank, result in enumerate(ranks):
         compared = _entries(result, "step", f"/vs/{reference}")
         assert len(compared) == _runs(result)
-        # The torch backend does torch SGD's arithmetic in its order: bit-identical. The kernels
-        # round differently (a few fp32 ulps of the params, ~0.5 here, after STEPS steps).
-        torch_backend = {k: v for k, v in compared.items() if k.split("/")[1] == "torch"}
-        assert not _not_exact(torch_backend), f"rank {rank}: {_not_exact(torch_backend)}"
-        far = {k: v for k, v in compared.items() if v["max_abs_diff"] > 4 * 2.0 ** -24}
-        assert not far, f"rank {rank}: {far}"
+        assert not _far(compared), f"rank {rank}: {_far(compared)}"
 
 
 def test_momentum_buffers_are_dtensors_placed_like_their_params(ranks):
@@ -390,8 +404,8 @@ def test_distributed_state_dict_moves_between_decay_sgd_and_torch_sgd(ranks, kin
                    if k.startswith(prefix)}
         assert entries["error"] is None, f"rank {rank}: {entries['error']}"
         assert entries.keys() == {"error", "loaded", "continued", "placement"}
-        assert entries["loaded"]["exact"] and entries["continued"]["exact"], \
-            f"rank {rank}: {entries}"
+        assert entries["loaded"]["exact"], f"rank {rank}: {entries}"
+        assert entries["continued"]["max_abs_diff"] <= ROUNDING, f"rank {rank}: {entries}"
         assert not entries["placement"], f"rank {rank}: {entries['placement']}"
 
 

@@ -268,41 +268,6 @@ def _on_device(t, device, name):
 
 
 # ----------------------------------------------------------------------------------------------
-# torch: the reference. Same fp32 arithmetic as the kernels, one tensor at a time.
-# ----------------------------------------------------------------------------------------------
-def _step_torch(params, grads, bufs, first, lr, grad_scale, found_inf, *, weight_decay, momentum,
-                dampening, nesterov, maximize, decoupled_weight_decay):
-    if found_inf is not None and bool(found_inf.item()):
-        return
-    lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr
-    for i, (p, grad) in enumerate(zip(params, grads)):
-        compute = torch.float64 if p.dtype == torch.float64 else torch.float32
-        # fp32/fp64 params are updated in place; half-precision ones through an fp32 copy.
-        p_work = p if p.dtype == compute else p.to(compute)
-        g = grad if grad.dtype == compute else grad.to(compute)
-        if grad_scale is not None:  # multiply by the reciprocal, exactly as the kernels do
-            g = g * grad_scale.to(compute).reciprocal()
-        if maximize:
-            g = -g
-        if weight_decay != 0 and not decoupled_weight_decay:
-            g = g.add(p_work, alpha=weight_decay)
-        if momentum != 0:
-            buf = bufs[i] if bufs[i].dtype == compute else bufs[i].to(compute)
-            if first[i]:
-                buf.copy_(g)
-            else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            if buf is not bufs[i]:
-                bufs[i].copy_(buf)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        if decoupled_weight_decay and weight_decay != 0:
-            p_work.mul_(1 - lr * weight_decay)
-        p_work.add_(g, alpha=-lr)
-        if p_work is not p:
-            p.copy_(p_work)
-
-
-# ----------------------------------------------------------------------------------------------
 # Kernel backends: build the launch tables, stage tensors whose layouts differ, launch once.
 # ----------------------------------------------------------------------------------------------
 TABLE_COLUMNS = 5  # param ptr, grad ptr, momentum-buffer ptr, numel, first-step flag
