@@ -51,7 +51,7 @@ are appended to the preset's and win over them):
   ``$LOWRANK_CIFAR10`` at the full data set; otherwise the subset is used), bf16 autocast, 30
   epochs, constant lr, momentum 0.9, grid lr {0.02, 0.05, 0.1} x weight decay {0, 5e-4, 2e-3} x
   batch size {64, 128, 256}: 27 runs, one at a time (``--jobs 2`` shares one GPU between two).
-  Budget about 27 x 30 epoch times; the training benchmark (benchmarks/section_training.py)
+  Budget about 27 x 30 epoch times; the training benchmark (benchmarks/training_step/section.py)
   estimates an epoch's training time on the machine at hand.
 """
 from __future__ import annotations
