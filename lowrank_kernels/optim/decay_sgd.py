@@ -20,9 +20,10 @@ from torch.optim.optimizer import Optimizer
 
 from ..backends import BackendUnavailableError, check_backend_name, resolve_backend
 from ..ops import sgd_step
-from .compiling import refuse_factored_under_compile
+from .compiling import compiling, refuse_factored_under_compile
 from .factor_capture import FactorCapture, why_not_capturable
 from .factored_step import factored_update_
+from .step_plans import StepPlans
 
 
 def _scalar(value: Any) -> float:
@@ -325,7 +326,14 @@ class DecaySGD(Optimizer):
 
     def _plan_group(self, index, group, grad_scale, found_inf):
         """Check a group's step without writing anything: (the factored weights to step, the
-        dense params, their grads, their launches)."""
+        dense params, their grads, their launches). A dense group's plan is reused while
+        nothing it was made from has changed (``step_plans``)."""
+        cacheable = not group["factored"] and not compiling()
+        plans = self.__dict__.setdefault("_step_plans", StepPlans())
+        if cacheable:
+            plan = plans.get(index, group, self.state)
+            if plan is not None:
+                return plan
         try:
             stepping = self._check_factored(group, grad_scale, found_inf) \
                 if group["factored"] else []
@@ -347,7 +355,10 @@ class DecaySGD(Optimizer):
         except (BackendUnavailableError, TypeError, ValueError, RuntimeError) as exc:
             raise type(exc)(f"DecaySGD param group {index}: {exc} (no parameter was stepped)") \
                 from None
-        return stepping, params, grads, buffers, launches
+        plan = stepping, params, grads, buffers, launches
+        if cacheable and (buffers is None or all(b is not None for b in buffers)):
+            plans.put(index, group, self.state, plan)  # a first step's missing buffers: not yet
+        return plan
 
     def _check_factored(self, group, grad_scale, found_inf) -> list[torch.Tensor]:
         """The captured weights of a factored group that have factors to step, after the checks
