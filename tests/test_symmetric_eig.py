@@ -321,10 +321,10 @@ def test_gpu_size_limits():
 
 def test_launch_makes_the_matrices_device_current(monkeypatch):
     # Triton launches on the current device: matrices on another GPU need it switched.
-    from lowrank_kernels.ops.symmetric_eig import device_guard
+    from lowrank_kernels.execution import on_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    guard = device_guard(torch.device("cuda", 1))
+    guard = on_device(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert not isinstance(device_guard(torch.device("cuda", 0)), torch.cuda.device)
-    assert not isinstance(device_guard(torch.device("cpu")), torch.cuda.device)
+    assert not isinstance(on_device(torch.device("cuda", 0)), torch.cuda.device)
+    assert not isinstance(on_device(torch.device("cpu")), torch.cuda.device)

@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from ..backends import BackendUnavailableError, kernel_module, resolve_backend
+from ..execution import compiling
 from . import multi_tensor, sgd_step_torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -95,16 +96,9 @@ def run_launches(launches, params, grads, momentum_buffers, first_step, *, lr, w
         # argument binding and a version bump per mutated tensor, ~0.5 ms for ResNet-18's 62
         # params on a CPU) buys nothing outside a trace. Traced calls (torch.compile, export)
         # record the op.
-        launch_step = _sgd_step_op if _tracing() else _sgd_step_impl
+        launch_step = _sgd_step_op if compiling() else _sgd_step_impl
         launch_step(p, g, b, f, 0.0 if tensor_lr is not None else step_lr, tensor_lr, scale, inf,
                     launch.backend, **hyper)
-
-
-def _tracing() -> bool:
-    """True while torch.compile (dynamo) or another tracer is recording (torch >= 2.3)."""
-    compiler = getattr(torch, "compiler", None)
-    is_compiling = getattr(compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else True
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -39,12 +39,11 @@ no backward (their outputs do not require grad); use backend="torch" to differen
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
 
 from ..backends import auto_candidates, kernel_module, resolve_backend
+from ..execution import on_device
 
 DTYPES = (torch.float32, torch.float64)
 DEFAULT_TOL = {torch.float32: 1e-7, torch.float64: 1e-14}
@@ -138,15 +137,6 @@ def _choose_backend(backend, a: Tensor) -> str:
     return next(c for c in following if n <= max_kernel_n(c, a.dtype, a.device))
 
 
-def device_guard(device: torch.device):
-    """Make ``device`` current for a launch when it is not: Triton launches on the current device
-    (matrices on another GPU would be read through the wrong context)."""
-    if device.type == "cuda" and device.index is not None \
-            and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device.index)
-    return contextlib.nullcontext()
-
-
 def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Tensor, Tensor]:
     a = a.detach()  # the kernels have no backward
     # Power-of-two scaling per matrix, so that the largest |entry| lies in [0.5, 1): no overflow or
@@ -178,7 +168,7 @@ def _kernel_eigh(name: str, a: Tensor, max_sweeps: int, tol: float) -> tuple[Ten
 @torch.library.custom_op("lowrank_kernels::symmetric_eig", mutates_args=())
 def _symmetric_eig_op(a: Tensor, max_sweeps: int, tol: float,
                       backend: str) -> tuple[Tensor, Tensor]:
-    with device_guard(a.device):
+    with on_device(a.device):
         return kernel_module("symmetric_eig", backend).launch_symmetric_eig(a, max_sweeps, tol)
 
 

@@ -1,13 +1,7 @@
 """What the optimizer does differently while torch.compile traces it."""
 from __future__ import annotations
 
-import torch
-
-
-def compiling() -> bool:
-    """True while torch.compile traces (torch >= 2.3 has torch.compiler.is_compiling)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+from ..execution import compiling
 
 
 def refuse_factored_under_compile() -> None:

@@ -20,7 +20,8 @@ from torch.optim.optimizer import Optimizer
 
 from ..backends import BackendUnavailableError, check_backend_name, resolve_backend
 from ..ops import sgd_step
-from .compiling import compiling, refuse_factored_under_compile
+from ..execution import compiling
+from .compiling import refuse_factored_under_compile
 from .factor_capture import FactorCapture, why_not_capturable
 from .factored_step import factored_update_
 from .step_plans import StepPlans

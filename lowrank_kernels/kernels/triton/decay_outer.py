@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpreter_enabled
-from .launch import FP_FUSION, on_device
+from ...execution import on_device
+from .launch import FP_FUSION
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16}
 

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import FP_FUSION, on_device
+from ...execution import on_device
+from .launch import FP_FUSION
 
 BLOCK = 1024
 CHUNK = 16 * BLOCK  # elements per program
