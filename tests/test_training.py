@@ -27,12 +27,12 @@ if str(ROOT) not in sys.path:  # training/ is a folder of scripts beside the ins
 from lowrank_kernels import galanti_resnet18_layers  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import data, models, train  # noqa: E402
+from training_runs import assert_same_run, read_jsonl  # noqa: E402
 
 SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset" / "cifar-10-batches-py"
 needs_subset = pytest.mark.skipif(
     not SUBSET.is_dir(), reason=f"the real CIFAR-10 subset is not at {SUBSET} (it lives in ../shared/data "
                                 "beside the checkout and is never committed)")
-TIMING = set(train.TIMING_FIELDS)
 
 
 @pytest.fixture(autouse=True)
@@ -48,14 +48,6 @@ def tiny_args(out, *extra, epochs=2, model=("--model", "mlp", "--depth", "3", "-
             "--test-subset", "128", "--epochs", str(epochs), "--batch-size", "32", "--lr", "0.05",
             "--weight-decay", "5e-4", "--schedule", "constant", "--no-plots", "--quiet", "--threads", "1",
             "--out", str(out), *extra]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def without_timing(records):
-    return [{k: v for k, v in rec.items() if k not in TIMING} for rec in records]
 
 
 # ------------------------------------------------------------------------------------ data
@@ -421,12 +413,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
         train.main(tiny_args(parts, *extra, "--resume", "auto", "--lr", "0.2", epochs=3))
     assert train.main(tiny_args(parts, *extra, "--resume", "auto", epochs=3)) == parts
 
-    assert without_timing(read_jsonl(parts / "metrics.jsonl")) == without_timing(read_jsonl(whole / "metrics.jsonl"))
-    assert read_jsonl(parts / "ranks.jsonl") == read_jsonl(whole / "ranks.jsonl")
-    a = ckpt.load_checkpoint(ckpt.latest_checkpoint(whole))
-    b = ckpt.load_checkpoint(ckpt.latest_checkpoint(parts))
-    for name, value in a["model"].items():
-        assert torch.equal(value, b["model"][name]), name
+    assert_same_run(whole, parts)
     assert json.loads((parts / "summary.json").read_text())["final"]["epoch"] == 3
 
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -21,31 +20,12 @@ if str(ROOT) not in sys.path:
 
 from training import checkpoint as ckpt  # noqa: E402
 from training import train  # noqa: E402
+from training_runs import assert_same_run  # noqa: E402
 
-TIMING = set(train.TIMING_FIELDS)
 # Wide enough that one and two threads sum the matrix products in different orders.
 SMALL = ["--model", "mlp", "--depth", "3", "--width", "256", "--dataset", "synthetic", "--train-subset", "512",
          "--test-subset", "64", "--batch-size", "64", "--lr", "0.05", "--momentum", "0.9", "--schedule", "cosine",
          "--track-every", "3", "--checkpoint-every", "1", "--keep-checkpoints", "0", "--no-plots", "--quiet"]
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def without_timing(records):
-    return [{k: v for k, v in rec.items() if k not in TIMING} for rec in records]
-
-
-def assert_same_run(a: Path, b: Path):
-    assert without_timing(read_jsonl(a / "metrics.jsonl")) == without_timing(read_jsonl(b / "metrics.jsonl"))
-    assert read_jsonl(a / "ranks.jsonl") == read_jsonl(b / "ranks.jsonl")
-    pa = ckpt.load_checkpoint(ckpt.latest_checkpoint(a))
-    pb = ckpt.load_checkpoint(ckpt.latest_checkpoint(b))
-    for name, value in pa["model"].items():
-        assert torch.equal(value, pb["model"][name]), name
-    for index, state in pa["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], pb["optimizer"]["state"][index]["momentum_buffer"])
 
 
 def test_kill_9_then_resume_auto_alone_is_bit_identical(tmp_path):
