@@ -6,6 +6,7 @@ launcher (which must launch on the tensors' own GPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -19,6 +20,24 @@ def on_device(device: torch.device):
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return _NO_SWITCH
     return torch.cuda.device(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def dtensor_class():
+    """torch.distributed.tensor.DTensor, or None on a torch built without distributed (imported
+    once: the checks that use it run per tensor and step)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (a parameter sharded by FSDP2's ``fully_shard`` or tensor
+    parallelism)."""
+    dtensor = dtensor_class()
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def compiling() -> bool:

@@ -88,17 +88,6 @@ def build_report() -> tuple[str, list[resources.KernelResources]]:
     return "\n".join(lines), every_row
 
 
-# Triton kernels whose every variant must be spill-free (triton/aot.py says why); a CUDA kernel
-# must be spill-free where it is memory-bound.
-_NO_SPILLS = ("triton:sgd_step", "triton:decay_outer")
-
-
-def _is_defect(r: resources.KernelResources) -> bool:
-    if r.spills:
-        return r.memory_bound or r.kernel in _NO_SPILLS
-    return resources.verdict(r) != "ok"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowrank_kernels.kernels.resource_report",
                                      description=__doc__.split("\n\n")[0])
@@ -110,7 +99,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}")
     else:
         print(text)
-    defects = [r for r in rows if _is_defect(r)]
+    defects = [r for r in rows if resources.is_defect(r)]
     for r in defects:
         print(f"{r.kernel} {r.variant} {r.arch}: {resources.verdict(r)}", file=sys.stderr)
     return 1 if defects else 0

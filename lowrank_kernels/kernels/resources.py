@@ -48,6 +48,7 @@ class KernelResources:
     shared: int | None = None        # bytes of static shared memory (Triton: its whole use)
     access: AccessCounts = field(default_factory=AccessCounts)
     memory_bound: bool = False       # the report demands no spills and 128-bit accesses
+    no_spills: bool = False          # spills are a defect (memory-bound, or pruned of them)
     error: str | None = None
 
     @property
@@ -154,6 +155,16 @@ def markdown_table(rows: list[KernelResources]) -> str:
             f"{a.wide_loads} | {a.scalar_loads} | {a.wide_stores} | {a.scalar_stores} | "
             f"{verdict(r)} |")
     return "\n".join(lines)
+
+
+def is_defect(r: KernelResources) -> bool:
+    """A compile error, spills where the kernel must have none, or a memory-bound kernel
+    without 128-bit loads or stores; a few bytes of spills elsewhere are reported, not failed."""
+    if r.error:
+        return True
+    if r.spills and (r.no_spills or r.memory_bound):
+        return True
+    return r.memory_bound and (r.access.wide_loads == 0 or r.access.wide_stores == 0)
 
 
 def verdict(r: KernelResources) -> str:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..backends import kernel_module, resolve_backend
+from ..execution import compiling
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -85,8 +86,11 @@ def _byte_span(t: Tensor) -> tuple[int, int]:
 
 
 def check_inputs(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float, *,
-                 check_finite: bool = True) -> None:
-    """Raise a clear error for anything ``decay_outer_`` cannot take (see its docstring)."""
+                 check_finite: bool = False) -> None:
+    """Raise a clear error for anything ``decay_outer_`` cannot take (see its docstring).
+
+    ``check_finite`` (one host sync, as in ``decay_outer_``) is off by default: the loops that
+    check once and then launch (the simulator, the factored step) must not wait on the GPU."""
     _check_tensor("W", W)
     _check_tensor("D", D)
     _check_tensor("F", F)
@@ -182,16 +186,17 @@ def _launch(name: str, W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: flo
     step's passes over one weight and its momentum buffer. ``decay`` and ``alpha`` are floats."""
     if W.numel() == 0:
         return W
-    _decay_outer_op(W, D, F, decay, alpha, name)
+    # Eager calls run the implementation directly, as the SGD step does: the op's dispatch
+    # would cost more than a small update in the simulator's and the factored step's loops.
+    (_decay_outer_op if compiling() else _decay_outer_impl)(W, D, F, decay, alpha, name)
     return W
 
 
 # The update as a torch.library op (W declared mutated, a fake implementation for tracing): one
 # opaque node for torch.compile whatever the backend, and something torch.library.opcheck can
 # test. A custom op cannot return an alias of its input, so ``_launch`` returns W itself.
-@torch.library.custom_op("lowrank_kernels::decay_outer_", mutates_args=("W",))
-def _decay_outer_op(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float,
-                    backend: str) -> None:
+def _decay_outer_impl(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float,
+                      backend: str) -> None:
     if backend == "torch":
         W.addmm_(D.t(), F, beta=decay, alpha=alpha)
         return
@@ -200,6 +205,10 @@ def _decay_outer_op(W: Tensor, D: Tensor, F: Tensor, decay: float, alpha: float,
     # The kernel wrote through W's data pointer, which autograd does not see; bump the version
     # as an in-place torch op would.
     torch.autograd.graph.increment_version(W)
+
+
+_decay_outer_op = torch.library.custom_op("lowrank_kernels::decay_outer_",
+                                          mutates_args=("W",))(_decay_outer_impl)
 
 
 @_decay_outer_op.register_fake

@@ -17,13 +17,12 @@ parameter's dtype, like ``torch.optim.SGD``'s, so state dicts move between the t
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Sequence
 
 import torch
 
 from ..backends import BackendUnavailableError, kernel_module, resolve_backend
-from ..execution import compiling
+from ..execution import compiling, is_dtensor
 from . import multi_tensor, sgd_step_torch
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -107,20 +106,10 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     is elementwise, so stepping each shard is exactly stepping the whole."""
     if type(t) in _PLAIN_TENSOR_TYPES:  # the common case, without an isinstance walk
         return t
-    dtensor = _dtensor_class()
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-@functools.lru_cache(maxsize=None)
-def _dtensor_class():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,7 +274,6 @@ def _on_device(t, device, name):
 # ----------------------------------------------------------------------------------------------
 # Kernel backends: build the launch tables, stage tensors whose layouts differ, launch once.
 # ----------------------------------------------------------------------------------------------
-TABLE_COLUMNS = 5  # param ptr, grad ptr, momentum-buffer ptr, numel, first-step flag
 
 
 def _stage(params, grads, bufs):

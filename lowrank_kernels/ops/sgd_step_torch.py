@@ -34,7 +34,6 @@ import torch
 from .multi_tensor import flat_compatible
 
 FUSED_DTYPES = (torch.float32, torch.float64)
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def step_torch(params, grads, bufs, first, lr, grad_scale, found_inf, *, weight_decay, momentum,

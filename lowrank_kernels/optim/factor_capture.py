@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from ..execution import is_dtensor
 from .compiling import refuse_factored_under_compile
 
 
@@ -66,16 +67,6 @@ class _JoinGraph(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         return grad_output, None
-
-
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (a parameter sharded by FSDP2's ``fully_shard`` or tensor
-    parallelism)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def check_not_sharded(weight: Tensor, what: str) -> None:

@@ -53,7 +53,8 @@ def check_source(filename: str, arch: str) -> list[resources.KernelResources]:
         program = compile_source(filename, arch)
     except nvrtc.NvrtcCompileError as error:
         return [resources.KernelResources(kernel=k, variant=filename, arch=arch,
-                                          memory_bound=memory_bound, error=str(error))
+                                          memory_bound=memory_bound, no_spills=memory_bound,
+                                          error=str(error))
                 for k in kernels]
     usage = resources.parse_ptxas_verbose(program.log)
     entries = entry_ptx(program.ptx)
@@ -69,7 +70,8 @@ def check_source(filename: str, arch: str) -> list[resources.KernelResources]:
             spill_stores=info.get("spill_stores"), spill_loads=info.get("spill_loads"),
             stack=info.get("stack"), shared=info.get("shared"),
             access=resources.count_global_accesses(entries.get(symbol, "")),
-            memory_bound=memory_bound, error=", ".join(missing) or None))
+            memory_bound=memory_bound, no_spills=memory_bound,
+            error=", ".join(missing) or None))
     return rows
 
 
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         print(f"NVRTC {major}.{minor} ({nvrtc.library_path()}), options: "
               f"{' '.join(cuda_compile.OPTIONS)}\n")
         print(resources.markdown_table(rows))
-    defects = [r for r in rows if resources.verdict(r) != "ok"]
+    defects = [r for r in rows if resources.is_defect(r)]
     for r in defects:
         print(f"{r.kernel} {r.arch}: {resources.verdict(r)}" + (f"\n{r.error}" if r.error else ""),
               file=sys.stderr)

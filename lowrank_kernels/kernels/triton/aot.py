@@ -97,7 +97,8 @@ def _resources(module_name: str, variant: str, arch: str) -> KernelResources:
     kernel = getattr(module, attr)
     _check_not_interpreted(kernel)
     row = KernelResources(kernel=f"triton:{module_name}", variant=variant, arch=arch,
-                          memory_bound=memory_bound and UNALIGNED_MARK not in variant)
+                          memory_bound=memory_bound and UNALIGNED_MARK not in variant,
+                          no_spills=module_name in NO_SPILLS)
     args, kwargs = next((a, k) for name, a, k in module.aot_variants() if name == variant)
     try:
         compiled = compile_variant(kernel, args, kwargs, arch)

@@ -99,7 +99,7 @@ def _prune_configs(configs, named_args, **kwargs):
             continue
         if precision == "tf32" and tile in _TF32_SPILLS:
             continue
-        if not divisible and (bm * bn > _SMALL_TILE or (precision == "ieee" and bk > 16)):
+        if not divisible and bm * bn > _SMALL_TILE:
             continue
         kept.append(c)
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"],

@@ -31,7 +31,6 @@ from .launch import FP_FUSION
 BLOCK = 1024
 CHUNK = 16 * BLOCK  # elements per program
 NUM_WARPS = 4
-ALIGNMENT = 16  # bytes: one 128-bit access
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
