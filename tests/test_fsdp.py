@@ -18,7 +18,8 @@ read what each rank measured:
   ``torch.distributed.checkpoint.state_dict`` (sharded and full), and stepping on from the loaded
   state matches the optimizer that saved it (the loaded state bit for bit, the steps after it to
   ROUNDING);
-* factored mode under FSDP2 and under DDP raises an error that names the limit.
+* factored mode under FSDP2, and with a DDP built before the optimizer, raises an error that
+  names the limit (factored mode under DDP itself: tests/test_distributed_factored.py).
 
 ``torch.optim.SGD(fused=True)`` is not a reference here: torch has no DTensor sharding strategy
 for ``aten._fused_sgd_`` (NotImplementedError at the first step, torch 2.13); its for-loop and
@@ -267,7 +268,7 @@ def _factored_results(mesh, rank: int) -> dict:
                                                    model=sharded))}
     torch.manual_seed(0)
     ddp = DistributedDataParallel(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)))
-    opt = DecaySGD(ddp.parameters(), lr=0.1, momentum=0.9, factored=True, model=ddp.module)
+    opt = DecaySGD(ddp.parameters(), lr=0.1, momentum=0.9, factored=True, model=ddp)
     ddp(_batch(rank, 0)).square().mean().backward()
     results["ddp"] = _error_of(opt.step)
     return results
@@ -424,12 +425,12 @@ def test_factored_mode_under_fsdp2_names_the_limit(ranks):
             and "FSDP2" in error and "factored=False" in error, error
 
 
-def test_factored_mode_under_ddp_names_the_limit(ranks):
+def test_factored_mode_with_ddp_built_first_names_the_limit(ranks):
     for result in ranks:
         error = result["factored"]["ddp"]
-        assert error is not None, "DecaySGD(factored=True) stepped under DDP"
-        assert error.startswith("RuntimeError") and "data-parallel" in error \
-            and "factored=False" in error, error
+        assert error is not None, "DecaySGD(factored=True) stepped a model DDP already reduces"
+        assert error.startswith("RuntimeError") and "data parallelism" in error \
+            and "after building DecaySGD" in error, error
 
 
 if __name__ == "__main__":

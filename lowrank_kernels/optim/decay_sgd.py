@@ -7,7 +7,8 @@ penalty as ``lam * ||W||_F^2`` with step size ``mu``, whose shrink is ``1 - 2 * 
 param group, ``decay_factor(group)`` that of one.
 
 Factored mode (``factored=True``, per param group, with ``model=``) applies the step of each
-Linear / Conv2d weight straight from the layer's per-example factors, see ``factored_step.py``.
+Linear / Conv2d weight straight from the layer's per-example factors, see ``factored_step.py``;
+under data parallelism the ranks exchange the factors, see ``distributed_factors.py``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..backends import BackendUnavailableError, check_backend_name, resolve_back
 from ..ops import sgd_step
 from ..execution import compiling
 from .compiling import refuse_factored_under_compile
+from .distributed_factors import CommunicationStats, FactorExchange
 from .factor_capture import FactorCapture, why_not_capturable
 from .factored_step import factored_update_
 from .step_plans import StepPlans
@@ -67,6 +69,11 @@ class DecaySGD(Optimizer):
       decay, maximize) is exact in this form, through the dense momentum buffer. Other params
       (biases, norms, unsupported layers: a warning names them) take the fused dense step. See
       ``lowrank_kernels/optim/factored_step.py`` for the rules and limits.
+    * ``process_group``: with torch.distributed initialised, factored mode steps every rank with
+      the mean over this group's ranks (default: the default group) of their factored
+      gradients, exchanging the factors (``lowrank_kernels/optim/distributed_factors.py``;
+      ``communication_stats()`` counts the bytes). Wrap the model in DDP after building the
+      optimizer, for its other params.
 
     ``step()`` checks every param group before it steps any: an error (a backend that cannot run
     where a param now is, a dtype it does not take, a grad that does not match) names the group,
@@ -100,6 +107,7 @@ class DecaySGD(Optimizer):
         backend: str = "auto",
         factored: bool = False,
         model: nn.Module | None = None,
+        process_group: Any = None,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -125,6 +133,7 @@ class DecaySGD(Optimizer):
         self._model = model
         self._captures: dict[torch.Tensor, FactorCapture] = {}
         self._anchor: torch.Tensor | None = None
+        self._exchange = FactorExchange(process_group)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------------------------------
@@ -213,6 +222,11 @@ class DecaySGD(Optimizer):
         for group in self.param_groups:
             group["factored"] = False
 
+    def communication_stats(self) -> CommunicationStats:
+        """The bytes the data-parallel factored step passed to its collectives (a snapshot; see
+        ``distributed_factors.CommunicationStats``; all zero in a single process)."""
+        return self._exchange.stats()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for capture in self._captures.values():
@@ -264,6 +278,7 @@ class DecaySGD(Optimizer):
         self.__dict__.setdefault("_model", None)
         self.__dict__.setdefault("_captures", {})
         self.__dict__.setdefault("_anchor", None)
+        self.__dict__.setdefault("_exchange", FactorExchange())
 
     def decay_factors(self) -> list[float]:
         """Per-step weight shrink ``1 - lr * wd`` of each param group, in order (like a
@@ -370,17 +385,17 @@ class DecaySGD(Optimizer):
                                       for p in group["params"]):
             raise RuntimeError("DecaySGD: this factored optimizer has no capture hooks (it was "
                                "copied or unpickled); build it again with model=...")
+        data_parallel = self._exchange.active()
+        if data_parallel:  # every rank joins the exchange, whether its backward reached a layer
+            stepping = [p for p in group["params"] if p in self._captures]
         if not stepping:
             return stepping
         if grad_scale is not None or found_inf is not None:
             raise RuntimeError("DecaySGD(factored=True) does not support GradScaler loss scaling "
                                "(fp16 AMP); use bf16 autocast, which needs no scaler, or "
                                "factored=False")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise RuntimeError("DecaySGD(factored=True) does not support data-parallel training "
-                               "(DDP or FSDP: the factors are neither all-reduced nor gathered "
-                               "across ranks); use factored=False under DDP or FSDP")
+        if data_parallel:
+            self._exchange.check(self._model, stepping)
         for p in stepping:
             if p.grad is not None or p.requires_grad:
                 raise RuntimeError("DecaySGD(factored=True): a factored weight requires grad or "
@@ -392,6 +407,10 @@ class DecaySGD(Optimizer):
 
     def _factored_step(self, group, stepping) -> None:
         lr, weight_decay = _scalar(group["lr"]), _scalar(group["weight_decay"])  # once per group
+        exchange = self._exchange if self._exchange.active() else None
+        if exchange is not None:  # data parallel: every rank's factors (distributed_factors.py)
+            stepping = exchange.exchange(stepping, self._captures, self._model)
+        update = factored_update_ if exchange is None else exchange.update_
         # A weight listed twice is stepped twice, as torch.optim.SGD does: each occurrence on
         # the first step starts its buffer from the gradient (torch's first-step rule).
         first = {p: self.state[p].get("momentum_buffer") is None for p in stepping}
@@ -399,10 +418,11 @@ class DecaySGD(Optimizer):
         for p in stepping:
             state = self.state[p]
             if p not in factors:
-                factors[p] = self._captures[p].factors(dtype=p.dtype)
+                factors[p] = self._captures[p].factors(dtype=p.dtype) if exchange is None \
+                    else exchange.factors(p)
             if group["momentum"] != 0 and state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            factored_update_(
+            update(
                 p, factors[p], state.get("momentum_buffer"), first_step=first[p],
                 lr=lr, weight_decay=weight_decay, momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
