@@ -24,6 +24,14 @@ A weight is updated through its (d_out, d_in) matrix view (conv weights: (c_out,
 a weight (or buffer) whose memory is not contiguous (channels_last) is updated on a contiguous
 copy, written back once at the end of the step. ``decay_outer_``'s input checks run once per
 step, for all the passes over the weight and its buffer.
+
+The sketch of a step (``lowrank_kernels/spectral/streaming_sketch.py``): every operation above
+(``outer``, ``mul_``, ``add_`` of the other matrix, ``copy_``, ``zero_``) is linear in the
+matrices it reads and commutes with right-multiplication by a fixed matrix Omega (d_in x l), and
+``outer(T, c, a)`` applied to ``T Omega`` with the factors ``(D, F Omega)`` gives ``(c T + a D^T F)
+Omega``. So ``factored_update_`` run on the sketches ``(W Omega, buf Omega)`` with
+``sketch_factors(factors, omega)`` and the same step arguments leaves exactly ``(W' Omega, buf'
+Omega)``: one rule set serves the weight and its sketch.
 """
 from __future__ import annotations
 
@@ -61,6 +69,23 @@ def _checked_backend(matrix: Tensor, factors: tuple[Tensor, Tensor] | None, deca
         return None
     check_inputs(matrix, *factors, decay, alpha)
     return choose_backend(matrix, backend)
+
+
+def sketch_factors(factors: tuple[Tensor, Tensor] | None,
+                   omega: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The factors of a step's sketch: ``(D, F @ omega)`` in ``omega``'s dtype (None stays None).
+
+    ``omega`` (d_in, l) is the sketch's fixed test matrix, so ``D^T (F omega) = (D^T F) omega``:
+    the product costs K*d_in*l flops, and ``factored_update_`` on the (d_out, l) sketch then
+    K*d_out*l per pass over it."""
+    if factors is None:
+        return None
+    D, F = factors
+    if F.shape[-1] != omega.shape[0]:
+        raise ValueError(f"sketch_factors: F (K, d_in) = {tuple(F.shape)} does not match omega "
+                         f"(d_in, l) = {tuple(omega.shape)}")
+    D, F = D.to(omega.dtype), F.to(omega.dtype)  # no copy when the dtype is already omega's
+    return D.contiguous(), torch.mm(F, omega)
 
 
 def _matrix(t: Tensor) -> Tensor:
