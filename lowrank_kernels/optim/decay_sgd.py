@@ -427,6 +427,8 @@ class DecaySGD(Optimizer):
                 lr=lr, weight_decay=weight_decay, momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                 decoupled_weight_decay=group["decoupled_weight_decay"], backend=group["backend"])
+            for sketch in self.__dict__.get("_sketches", {}).get(p, ()):  # attach_sketch
+                sketch.factored_step_(p, factors[p], first_step=first[p], group=group)
 
     def _dense_params(self, group):
         """The dense params of a group that have a gradient, their grads and their positions in
@@ -469,3 +471,17 @@ class DecaySGD(Optimizer):
                 self.state[p]["momentum_buffer"] = made[p]
             buffers[i], first_step[i] = made[p], True
         return first_step
+
+    def attach_sketch(self, sketch) -> None:
+        """Keep ``sketch`` (a ``lowrank_kernels.spectral.streaming_sketch.StreamingSketch``, which
+        calls this itself) in step with the factored weights it tracks: right after each one's
+        factored step, ``sketch.factored_step_(p, factors, first_step=..., group=...)`` applies
+        the same update to its sketch with the factors that step used (``factored_step.py``)."""
+        sketches = self.__dict__.setdefault("_sketches", {})
+        for p in sketch.factored_weights():
+            if p not in self._captures:
+                raise ValueError("DecaySGD.attach_sketch: a weight of the sketch is not stepped "
+                                 "in factored form by this optimizer")
+            listed = sketches.setdefault(p, [])
+            if not any(s is sketch for s in listed):
+                listed.append(sketch)
