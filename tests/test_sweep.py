@@ -150,11 +150,19 @@ def test_table_holds_each_runs_final_record(finished_sweep):
         assert int(row["batch_size"]) == spec.batch_size and int(row["epochs"]) == 2
         for key in ("avg_threshold_rank", "train_acc", "test_acc", "train_loss", "test_loss"):
             assert float(row[key]) == final[key], key
+        # The Yunis et al. averages of the final record: the normalised effective rank over the
+        # average-rank layers, the alignment over the layers feeding the next one.
+        layers = final["layers"]
+        averaged = summary_of(out / spec.name)["resolved"]["rank_layers"]
+        aligned = [m["alignment"] for m in layers.values() if "alignment" in m]
+        assert aligned and float(row["avg_alignment"]) == pytest.approx(sum(aligned) / len(aligned))
+        assert float(row["avg_normalized_effective_rank"]) == pytest.approx(
+            sum(layers[n]["normalized_effective_rank"] for n in averaged) / len(averaged))
         assert full["layers"] == final["layers"] and full["config"]["lr"] == spec.lr
     names = {p.name for p in finished_sweep["paths"]}
     # lr varies, the others do not: no heat map of (weight decay, batch size).
     assert names == {"sweep.csv", "sweep.jsonl", "heatmap_rank_lr_wd.png", "heatmap_rank_lr_bs.png",
-                     "curves.png", "rank_history.png"}
+                     "curves.png", "rank_history.png", "effective_rank_history.png", "alignment_history.png"}
     for path in finished_sweep["paths"]:
         assert path.stat().st_size > 0
 

@@ -44,5 +44,6 @@ def evaluate(model: nn.Module, loader: data_mod.DeviceLoader, autocast, distribu
 
 
 def layer_measures(records: list[dict], measures) -> dict:
-    """{layer: {measure: value}} of one tracker record."""
-    return {rec["layer"]: {m: rec[m] for m in measures} for rec in records}
+    """{layer: {measure: value}} of one tracker record; ``alignment`` (with the next layer) is
+    one more measure where the tracker recorded it."""
+    return {rec["layer"]: {m: rec[m] for m in (*measures, "alignment") if m in rec} for rec in records}

@@ -198,6 +198,8 @@ def write_plots(run_dir: Path, tracker: RankTracker, records: list[dict], rank_n
     save(curves_figure(records, tracker.eps, len(rank_names)), "curves.png")
     save(tracker.plot("average_rank", average_over=rank_names), "average_rank.png")
     save(tracker.plot("effective_rank_heatmap"), "effective_rank_heatmap.png")
+    if tracker.pairs:
+        save(tracker.plot("alignment"), "alignment.png")
     picks = list(dict.fromkeys([rank_names[0], rank_names[len(rank_names) // 2], rank_names[-1]]))
     for layer in picks:
         save(tracker.plot("singular_values", layer=layer), f"singular_values_{layer.replace('.', '_')}.png")

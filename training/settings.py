@@ -110,6 +110,8 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     g = parser.add_argument_group("rank tracking")
     add(g, "--track-every", type=int, default=0, help="also record ranks every N optimizer steps (0: epoch ends only)")
     add(g, "--eps", type=float, default=1e-3, help="threshold rank: #{s_i / ||W||_F > eps}")
+    add(g, "--alignment", default=True, action=argparse.BooleanOptionalAction,
+        help="also record Yunis et al.'s alignment of each tracked layer with the next one it feeds")
     add(g, "--spectra", default="auto", choices=("auto", "exact", "randomized"),
         help="RankTracker method (auto: exact on the CPU and for small matrices)")
 

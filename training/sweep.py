@@ -90,7 +90,7 @@ GRID_FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "batch_size": "--b
 # Set by the sweep for every run; passing them after "--" would fight the grid.
 SWEEP_OWNED = {*GRID_FLAGS, "out", "resume"}
 TABLE_COLUMNS = ("run", "status", "lr", "weight_decay", "batch_size", "epochs", "avg_threshold_rank",
-                 "initial_avg_threshold_rank", "train_acc", "test_acc", "train_loss", "test_loss",
+                 "initial_avg_threshold_rank", "avg_normalized_effective_rank", "avg_alignment", "train_acc", "test_acc", "train_loss", "test_loss",
                  "best_test_acc", "train_time_s", "elapsed_s", "model", "dataset")
 
 
@@ -113,6 +113,24 @@ PRESETS = {
         {"lr": (0.01, 0.03, 0.1), "weight_decay": (0.0, 2e-3, 5e-3), "batch_size": (32, 128)},
         ("--model", "mlp", "--depth", "10", "--width", "100", "--batchnorm", "--dataset", "cifar10",
          "--epochs", "20", "--schedule", "constant", "--momentum", "0.9"),
+        jobs=2),
+    # Galanti et al.'s convolutional setting at a 2-core CPU's scale: momentum 0 and no
+    # augmentation as in their runs, width 16, the CIFAR-10 images found (the shared subset
+    # here), 12 epochs. The weight decays are large because the runs are short: the rank moves
+    # once the shrink (1 - lr*wd)^steps has had time to act, see docs/reproduction.md.
+    "resnet18-cpu": Preset(
+        "ResNet-18 (width 16) on the CIFAR-10 images found, momentum 0, no augmentation, "
+        "12 epochs, 12 runs, 2 processes at a time",
+        {"lr": (0.1, 0.2), "weight_decay": (0.0, 2e-2, 5e-2), "batch_size": (32, 128)},
+        ("--model", "resnet18", "--width", "16", "--dataset", "cifar10", "--no-augment",
+         "--epochs", "12", "--schedule", "constant", "--momentum", "0"),
+        jobs=2),
+    "vgg16bn-cpu": Preset(
+        "VGG-16-BN (width 16) on the CIFAR-10 images found, momentum 0, no augmentation, "
+        "12 epochs, 12 runs, 2 processes at a time",
+        {"lr": (0.1, 0.2), "weight_decay": (0.0, 2e-2, 5e-2), "batch_size": (32, 128)},
+        ("--model", "vgg16_bn", "--width", "16", "--dataset", "cifar10", "--no-augment",
+         "--epochs", "12", "--schedule", "constant", "--momentum", "0"),
         jobs=2),
     "resnet18-gpu": Preset(
         "ResNet-18 on CIFAR-10, bf16, 30 epochs, 27 runs",
@@ -523,6 +541,7 @@ def _row(run_dir: Path, summary: dict) -> dict:
         "epochs": summary.get("epochs_completed", final.get("epoch")),
         "avg_threshold_rank": final.get("avg_threshold_rank"),
         "initial_avg_threshold_rank": summary.get("initial_avg_threshold_rank"),
+        **sweep_plots.layer_averages(final, _rank_layers(summary)),
         "train_acc": final.get("train_acc"),
         "test_acc": final.get("test_acc"),
         "train_loss": final.get("train_loss"),
@@ -534,6 +553,12 @@ def _row(run_dir: Path, summary: dict) -> dict:
         "dataset": summary.get("dataset", final.get("dataset")),
     }
     return row
+
+
+def _rank_layers(summary: dict) -> list[str] | None:
+    """The layers of the run's average rank (train.py's ``resolved.rank_layers``), None if absent."""
+    names = (summary.get("resolved") or {}).get("rank_layers")
+    return list(names) if isinstance(names, list) else None
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -571,7 +596,9 @@ def collect(out: str | os.PathLike, log: Callable[[str], None] | None = print
         rows.append(row)
         final = summary["final"]
         full.append({**row, "layers": final.get("layers"), "config": summary["config"]})
-        histories[row["run"]] = read_history(run_dir)
+        names = _rank_layers(summary)
+        histories[row["run"]] = [{**rec, **sweep_plots.layer_averages(rec, names)}
+                                 for rec in read_history(run_dir)]
         configs[row["run"]] = summary["config"]
     if log is not None and len(configs) > 1:
         differing = _differing_settings(configs)

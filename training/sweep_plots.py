@@ -14,7 +14,10 @@ so); nothing is interpolated.
 * ``curves_figure(rows)``: one row of panels per hyper-parameter that takes two values or more:
   average rank (left) and train/test accuracy (right) against it, one line per combination of
   the other hyper-parameters.
-* ``rank_history_figure(histories)``: average rank against the epoch, one line per run.
+* ``history_figure(histories, metric, rows)``: a per-epoch average (threshold rank, normalised
+  effective rank, alignment of consecutive layers) against the epoch, one line per run, coloured
+  by weight decay when ``rows`` are given (Yunis et al., "Rank Minimization, Alignment and Weight
+  Decay in Neural Networks", Figs. 2-3, plot these against the training step for several decays).
 * ``plot_sweep(rows, histories, out_dir)``: all of the above as PNG files; returns their paths.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so no display is needed.
@@ -43,6 +46,8 @@ HP_TAG = {key: tag for key, _, tag in HYPERPARAMETERS}
 
 METRIC_LABEL = {
     "avg_threshold_rank": "average threshold rank",
+    "avg_normalized_effective_rank": "average normalised effective rank",
+    "avg_alignment": "average alignment of consecutive layers",
     "train_acc": "train accuracy",
     "test_acc": "test accuracy",
     "train_loss": "train loss",
@@ -50,7 +55,26 @@ METRIC_LABEL = {
 }
 MAX_PANELS = 6   # heat-map panels per figure (values of the third hyper-parameter)
 MAX_LINES = 8    # lines per curve panel (combinations of the other hyper-parameters)
-STALE_PATTERNS = ("heatmap_rank_*.png", "curves.png", "rank_history.png")  # plot_sweep's files
+# Per-epoch averages drawn against the epoch, and their file names.
+HISTORY_FILES = {"avg_threshold_rank": "rank_history.png",
+                 "avg_normalized_effective_rank": "effective_rank_history.png",
+                 "avg_alignment": "alignment_history.png"}
+STALE_PATTERNS = ("heatmap_rank_*.png", "curves.png", *HISTORY_FILES.values())  # plot_sweep's files
+
+
+def layer_averages(record: dict, rank_layers: Sequence[str] | None = None) -> dict:
+    """From one per-epoch record's ``layers`` ({layer: {measure: value}}): the mean normalised
+    effective rank over ``rank_layers`` (every layer when None) and the mean alignment over the
+    layers that have one (those feeding the next tracked layer). None where nothing is recorded."""
+    layers = record.get("layers") or {}
+    chosen = [layers[n] for n in rank_layers if n in layers] if rank_layers else list(layers.values())
+
+    def mean(values):
+        values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        return float(np.mean(values)) if values else None
+
+    return {"avg_normalized_effective_rank": mean(m.get("normalized_effective_rank") for m in chosen),
+            "avg_alignment": mean(m.get("alignment") for m in layers.values())}
 
 
 def format_value(value: Any) -> str:
@@ -246,26 +270,42 @@ def _log_axis(values: Sequence) -> bool:
 
 
 # ------------------------------------------------------------------------ rank over training
-def rank_history_figure(histories: dict[str, Sequence[dict]], max_lines: int = 24):
-    """Average threshold rank against the epoch, one line per run (``histories``: run name ->
-    its per-epoch records, as in the run's ``metrics.jsonl``)."""
-    series = {name: [(rec["epoch"], rec["avg_threshold_rank"]) for rec in records
-                     if rec.get("avg_threshold_rank") is not None and rec.get("epoch") is not None]
+def history_figure(histories: dict[str, Sequence[dict]], metric: str = "avg_threshold_rank",
+                   rows: Sequence[dict] | None = None, max_lines: int = 24):
+    """``metric`` against the epoch, one line per run (``histories``: run name -> its per-epoch
+    records, as in the run's ``metrics.jsonl``, holding ``metric``). With the sweep's ``rows``
+    the lines are coloured by the run's weight decay, one line style per (lr, batch size)."""
+    if metric not in METRIC_LABEL:
+        raise ValueError(f"unknown metric {metric!r}; choose from {list(METRIC_LABEL)}")
+    series = {name: [(rec["epoch"], rec[metric]) for rec in records
+                     if rec.get(metric) is not None and rec.get("epoch") is not None]
               for name, records in histories.items()}
     series = {name: points for name, points in series.items() if points}
     if not series:
-        raise ValueError("no run has per-epoch avg_threshold_rank records to plot")
+        raise ValueError(f"no run has per-epoch {metric} records to plot")
     names = _evenly_spaced(sorted(series), max_lines)
+    by_run = {r["run"]: r for r in rows or () if "run" in r}
+    decays = grid_values([by_run[n] for n in names if n in by_run], "weight_decay")
+    others = sorted({(by_run[n]["lr"], by_run[n]["batch_size"]) for n in names if n in by_run})
+    styles = ("-", "--", ":", "-.")
     fig = _new_figure(8, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     colours = _colormap("viridis")
     for n, name in enumerate(names):
         epochs, values = zip(*sorted(series[name]))
-        ax.plot(epochs, values, marker="o" if len(epochs) == 1 else None, ms=3,
-                color=colours(n / max(len(names) - 1, 1)), label=name)
+        row = by_run.get(name)
+        if row is not None and decays:
+            colour = colours(decays.index(row["weight_decay"]) / max(len(decays) - 1, 1))
+            style = styles[others.index((row["lr"], row["batch_size"])) % len(styles)]
+            label = (f"wd {format_value(row['weight_decay'])}, lr {format_value(row['lr'])}, "
+                     f"batch {row['batch_size']}")
+        else:
+            colour, style, label = colours(n / max(len(names) - 1, 1)), "-", name
+        ax.plot(epochs, values, style, marker="o" if len(epochs) == 1 else None, ms=3,
+                color=colour, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("average threshold rank")
-    title = "average threshold rank during training"
+    ax.set_ylabel(METRIC_LABEL[metric])
+    title = f"{METRIC_LABEL[metric]} during training"
     if len(names) < len(series):
         title += f" ({len(names)} of {len(series)} runs shown)"
     ax.set_title(title, fontsize=10)
@@ -273,6 +313,11 @@ def rank_history_figure(histories: dict[str, Sequence[dict]], max_lines: int = 2
     ax.legend(fontsize=6, ncol=2 if len(names) > 8 else 1, loc="best")
     fig.tight_layout()
     return fig
+
+
+def rank_history_figure(histories: dict[str, Sequence[dict]], max_lines: int = 24):
+    """Average threshold rank against the epoch, one line per run."""
+    return history_figure(histories, "avg_threshold_rank", max_lines=max_lines)
 
 
 # ------------------------------------------------------------------------------------ files
@@ -288,7 +333,8 @@ def plot_sweep(rows: Sequence[dict], histories: dict[str, Sequence[dict]] | None
 
     * ``heatmap_rank_<x>_<y>.png`` for each pair of hyper-parameters with one varying;
     * ``curves.png`` when a hyper-parameter varies;
-    * ``rank_history.png`` when ``histories`` hold per-epoch average ranks.
+    * ``rank_history.png``, ``effective_rank_history.png``, ``alignment_history.png`` when
+      ``histories`` hold those per-epoch averages.
 
     Files of those names left from an earlier call are removed first.
     """
@@ -310,7 +356,7 @@ def plot_sweep(rows: Sequence[dict], histories: dict[str, Sequence[dict]] | None
         save(heatmap_figure(rows, x, y), f"heatmap_rank_{HP_TAG[x]}_{HP_TAG[y]}.png")
     if varying(rows):
         save(curves_figure(rows), "curves.png")
-    if histories and any(any(r.get("avg_threshold_rank") is not None for r in h)
-                         for h in histories.values()):
-        save(rank_history_figure(histories), "rank_history.png")
+    for metric, name in HISTORY_FILES.items():
+        if histories and any(any(r.get(metric) is not None for r in h) for h in histories.values()):
+            save(history_figure(histories, metric, rows), name)
     return written

@@ -252,7 +252,7 @@ def prepare(start: RunStart, distributed: Distributed, device: torch.device, log
     optimizer = make_optimizer(cfg, raw_model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(cfg, steps_per_epoch))
     tracker = RankTracker(raw_model, every=1, method=cfg["spectra"], eps=cfg["eps"],
-                          average_over=rank_names) if distributed.is_main else None
+                          alignment=cfg["alignment"], average_over=rank_names) if distributed.is_main else None
     records, start_epoch, step = [], 0, 0
     if state is not None:
         raw_model.load_state_dict(state["model"])
