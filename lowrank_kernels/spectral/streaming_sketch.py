@@ -58,7 +58,8 @@ Keeping it honest:
   back is not an error inside ``optimizer.step()`` (which would leave the other weights
   unstepped): its sketch is marked stale and ``spectra()`` / ``drift()`` raise, naming it.
 * ``state_dict()`` / ``load_state_dict()``: the seed (Omega is drawn again from it) and the
-  sketches. Resume order: the model, the optimizer, then the sketch.
+  sketches. Resume order: the model, the optimizer, then the sketch. Under data parallelism
+  build the sketch after wrapping the model in DDP (which broadcasts rank 0's weights in place).
 
 Limits: a weight replaced by a new Parameter object (``load_state_dict(assign=True)``) is not
 seen (the optimizer keeps stepping the old one too); a bf16/fp16 weight is rounded at every step
