@@ -35,7 +35,7 @@ from report_core import SECTIONS, TIMERS, TIMING, Context  # noqa: E402
 # Importing a section module registers its sections; the order here is the report's order.
 SECTION_MODULES = ("sgd_step.section", "spectra.section", "decay_outer.section",
                    "factored_step.section", "simulate.section", "training_step.section",
-                   "distributed_factored.section")
+                   "distributed_factored.section", "streaming_sketch.section")
 for _module in SECTION_MODULES:
     importlib.import_module(_module)
 
