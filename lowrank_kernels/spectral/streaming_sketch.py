@@ -1,4 +1,4 @@
-"""Rank tracking without a spectral computation per record: a streaming randomized sketch.
+"""Rank tracking from a sketch kept current at every step: a streaming randomized sketch.
 
 Per tracked weight W (d_out x d_in; a conv weight through its (c_out, c_in*kh*kw) view) the sketch
 keeps ``Y = W Omega``, Omega a fixed d_in x (l + r) Gaussian matrix drawn from a seed (l = k +
@@ -22,7 +22,10 @@ momentum forms' adds on (d_out, l+r) matrices. Nothing is fused into the weight'
 sketch is a separate, small launch. ``F @ Omega`` stays a plain matmul (cuBLAS / BLAS): fusing it
 into the ``decay_outer_`` kernel would recompute it in every row block of Y or need a grid-wide
 barrier, to save writing and reading K*(l+r) values, less than the K*d_in values of F that the
-matmul reads anyway.
+matmul reads anyway. The update is not free: its 2*K*(d_in + d_out)*(l+r) flops against the
+step's 2*K*d_in*d_out came to 8-51% of the factored step on the CPU (Linear at batch 32 to a conv
+with K = 512; ``benchmarks/results/streaming_sketch_2026-12-02.md``). It pays where records are
+frequent and K small next to d_in and d_out.
 
 Dense weights (a dense param group, a weight the factored mode left dense): the step reads the
 gradient G, so the sketch is stepped by the same fused SGD step (``fused_sgd_step_``) on ``(Y, G
