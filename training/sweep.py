@@ -47,6 +47,13 @@ are appended to the preset's and win over them):
   of the 10 hidden layers fell from 99.5 to 15.8 with weight decay 5e-3 (batch 32) over the 20
   epochs and only to 95.9 with 1e-3; test accuracy 18% and 25%: at this scale the pictures show
   the rank's dependence on the hyper-parameters, not a well-trained classifier.
+* ``resnet18-cpu`` and ``vgg16bn-cpu``: ResNet-18 / VGG-16-BN at width 16 (16-32-64-128
+  channels) on the CIFAR-10 images found, as Galanti et al. train them (momentum 0, no
+  augmentation, constant lr), 12 epochs, grid lr {0.1, 0.2} x weight decay {0, 2e-2, 5e-2} x batch
+  size {32, 128}: 12 runs each, 2 processes at a time with one thread each. The average rank is
+  over Galanti et al.'s 17 ResNet-18 matrices (stem and block convs) or VGG's 13 convs. On the
+  5,085-image subset an idle core trains a ResNet-18 epoch in about 10 s (VGG about 6 s); timings
+  of the whole grid are in docs/reproduction.md.
 * ``resnet18-gpu``: ResNet-18 on CIFAR-10 (``--dataset cifar10``: point ``--data`` or
   ``$LOWRANK_CIFAR10`` at the full data set; otherwise the subset is used), bf16 autocast, 30
   epochs, constant lr, momentum 0.9, grid lr {0.02, 0.05, 0.1} x weight decay {0, 5e-4, 2e-3} x
