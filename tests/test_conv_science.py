@@ -20,7 +20,7 @@ from training import checkpoint as ckpt  # noqa: E402
 from training import gpu_cost, rank_bound, sweep, sweep_plots  # noqa: E402
 
 CPU_PRESETS = {"resnet18-cpu": ("resnet18", 17), "vgg16bn-cpu": ("vgg16_bn", 13)}
-TINY_RUN = ["--train-subset", "64", "--test-subset", "32", "--epochs", "1", "--no-plots", "--quiet"]
+TINY_RUN = ["--dataset", "synthetic", "--train-subset", "64", "--test-subset", "32", "--epochs", "1", "--no-plots", "--quiet"]
 
 
 @pytest.mark.parametrize("name", sorted(CPU_PRESETS))
