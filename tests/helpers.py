@@ -25,3 +25,37 @@ def assert_close_verbose(actual, expected, rtol, atol, name="tensor", max_report
         raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ "
                              f"(rtol={rtol}, atol={atol}, max abs diff {diff.max().item():.3g}):\n"
                              + "\n".join(rows))
+
+
+def run_ranks(script, world: int, argv_of_rank, timeout_s: float, label: str = "ranks") -> None:
+    """Run ``script`` as ``world`` processes (``python script *argv_of_rank(rank, port)``) that
+    meet at a TCPStore held here, on a port the OS picked (so no port can collide); fail the test
+    with every rank's output when one fails or they do not finish within ``timeout_s``."""
+    import os
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    import pytest
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                       timeout=timedelta(seconds=60))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), *map(str, argv_of_rank(rank, store.port))],
+                              env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank in range(world)]
+
+    def output(outputs) -> str:
+        return "\n".join(f"--- rank {rank} (exit {proc.returncode}) stderr:\n{err[-6000:]}"
+                         f"\n--- stdout:\n{out[-2000:]}"
+                         for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)))
+
+    try:
+        outputs = [proc.communicate(timeout=timeout_s) for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        outputs = [proc.communicate() for proc in procs]
+        pytest.fail(f"the {label} did not finish within {timeout_s} s:\n" + output(outputs))
+    if any(proc.returncode != 0 for proc in procs):
+        pytest.fail(f"one of the {label} failed:\n" + output(outputs))

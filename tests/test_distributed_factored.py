@@ -10,14 +10,14 @@ and check the bytes counted against what the rule sends.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from datetime import timedelta
 
 import pytest
 import torch
 from torch import nn
+
+from helpers import run_ranks
 
 STEPS = 4
 CHILD_TIMEOUT_S = 180
@@ -180,34 +180,13 @@ pytestmark = pytest.mark.skipif(
     reason="needs torch.distributed with the gloo backend")
 
 
-def _child_output(procs, outputs) -> str:
-    return "\n".join(f"--- rank {rank} (exit {proc.returncode}) stderr:\n{err[-6000:]}"
-                     f"\n--- stdout:\n{out[-2000:]}"
-                     for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)))
-
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def run(request, tmp_path_factory):
     world = request.param
-    # The parent holds the rendezvous store on a port the OS picked: no port can collide.
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                       timeout=timedelta(seconds=60))
     out = tmp_path_factory.mktemp(f"world{world}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(world), str(store.port),
-                               str(out / f"rank{rank}.pt")], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for rank in range(world)]
-    try:
-        outputs = [proc.communicate(timeout=CHILD_TIMEOUT_S) for proc in procs]
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        outputs = [proc.communicate() for proc in procs]
-        pytest.fail(f"the ranks did not finish within {CHILD_TIMEOUT_S} s:\n"
-                    + _child_output(procs, outputs))
-    if any(proc.returncode != 0 for proc in procs):
-        pytest.fail("a rank failed:\n" + _child_output(procs, outputs))
+    run_ranks(__file__, world, lambda rank, port: [rank, world, port, out / f"rank{rank}.pt"],
+              CHILD_TIMEOUT_S)
     ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
     return world, ranks
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -38,6 +36,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import run_ranks
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -314,32 +314,11 @@ def ranks(tmp_path_factory) -> list[dict]:
     fsdp = pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip(f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard (FSDP2)")
-    # The parent holds the rendezvous store on a port the OS picked: no port can collide.
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                       timeout=timedelta(seconds=60))
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(store.port),
-                               str(out / f"rank{rank}.json")], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for rank in range(WORLD_SIZE)]
-    try:
-        outputs = [proc.communicate(timeout=CHILD_TIMEOUT_S) for proc in procs]
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        outputs = [proc.communicate() for proc in procs]
-        pytest.fail(f"the FSDP2 ranks did not finish within {CHILD_TIMEOUT_S} s:\n"
-                    + _child_output(procs, outputs))
-    if any(proc.returncode != 0 for proc in procs):
-        pytest.fail("an FSDP2 rank failed:\n" + _child_output(procs, outputs))
+    run_ranks(__file__, WORLD_SIZE, lambda rank, port: [rank, port, out / f"rank{rank}.json"],
+              CHILD_TIMEOUT_S, label="FSDP2 ranks")
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
-
-def _child_output(procs, outputs) -> str:
-    return "\n".join(f"--- rank {rank} (exit {proc.returncode}) stderr:\n{err[-6000:]}"
-                     f"\n--- stdout:\n{out[-2000:]}"
-                     for rank, (proc, (out, err)) in enumerate(zip(procs, outputs)))
 
 
 def _runs(result: dict) -> int:

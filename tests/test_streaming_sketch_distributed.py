@@ -7,14 +7,14 @@ most of its cost).
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from datetime import timedelta
 
 import pytest
 import torch
 from torch import nn
+
+from helpers import run_ranks
 
 STEPS = 25
 CHILD_TIMEOUT_S = 180
@@ -84,24 +84,8 @@ pytestmark = pytest.mark.skipif(
 
 def test_sketch_follows_the_data_parallel_factored_step(tmp_path):
     world = 2
-    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                       timeout=timedelta(seconds=60))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, __file__, str(rank), str(world), str(store.port),
-                               str(tmp_path / f"rank{rank}.pt")], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for rank in range(world)]
-    try:
-        outputs = [proc.communicate(timeout=CHILD_TIMEOUT_S) for proc in procs]
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        outputs = [proc.communicate() for proc in procs]
-        pytest.fail(f"the ranks did not finish within {CHILD_TIMEOUT_S} s: "
-                    + "\n".join(err[-3000:] for _, err in outputs))
-    if any(proc.returncode != 0 for proc in procs):
-        pytest.fail("a rank failed:\n" + "\n".join(f"rank {r}: {err[-4000:]}"
-                                                   for r, (_, err) in enumerate(outputs)))
+    run_ranks(__file__, world, lambda rank, port: [rank, world, port, tmp_path / f"rank{rank}.pt"],
+              CHILD_TIMEOUT_S)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
     paths = set(ranks[0]["paths"].values())
     assert len(paths) == 2, f"both sides of the rule should be taken, got {ranks[0]['paths']}"

@@ -209,7 +209,6 @@ class FactorExchange:
         """Run one factored group's collectives. ``stepping``: every captured weight of the
         group, in group order (identical on every rank); returns those to step (active on some
         rank), repeats kept."""
-        dist = torch.distributed
         group, world = self.process_group, self.world_size()
         weights = list(dict.fromkeys(stepping))  # unique, in order
         self._results.clear()
