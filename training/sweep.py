@@ -113,6 +113,20 @@ class Preset:
     jobs: int = 1
 
 
+def _cpu_conv_preset(model: str, label: str) -> Preset:
+    """Galanti et al.'s convolutional setting at a 2-core CPU's scale: momentum 0 and no
+    augmentation as in their runs, width 16, the CIFAR-10 images found (the shared subset here),
+    12 epochs. The weight decays are large because the runs are short: the rank moves once the
+    shrink (1 - lr*wd)^steps has had time to act, see docs/reproduction.md."""
+    return Preset(
+        f"{label} (width 16) on the CIFAR-10 images found, momentum 0, no augmentation, "
+        "12 epochs, 12 runs, 2 processes at a time",
+        {"lr": (0.1, 0.2), "weight_decay": (0.0, 2e-2, 5e-2), "batch_size": (32, 128)},
+        ("--model", model, "--width", "16", "--dataset", "cifar10", "--no-augment",
+         "--epochs", "12", "--schedule", "constant", "--momentum", "0"),
+        jobs=2)
+
+
 PRESETS = {
     "mlp-cpu": Preset(
         "MLP-BN-10-100 on the CIFAR-10 images found (the shared 5,085-image subset here), "
@@ -121,24 +135,8 @@ PRESETS = {
         ("--model", "mlp", "--depth", "10", "--width", "100", "--batchnorm", "--dataset", "cifar10",
          "--epochs", "20", "--schedule", "constant", "--momentum", "0.9"),
         jobs=2),
-    # Galanti et al.'s convolutional setting at a 2-core CPU's scale: momentum 0 and no
-    # augmentation as in their runs, width 16, the CIFAR-10 images found (the shared subset
-    # here), 12 epochs. The weight decays are large because the runs are short: the rank moves
-    # once the shrink (1 - lr*wd)^steps has had time to act, see docs/reproduction.md.
-    "resnet18-cpu": Preset(
-        "ResNet-18 (width 16) on the CIFAR-10 images found, momentum 0, no augmentation, "
-        "12 epochs, 12 runs, 2 processes at a time",
-        {"lr": (0.1, 0.2), "weight_decay": (0.0, 2e-2, 5e-2), "batch_size": (32, 128)},
-        ("--model", "resnet18", "--width", "16", "--dataset", "cifar10", "--no-augment",
-         "--epochs", "12", "--schedule", "constant", "--momentum", "0"),
-        jobs=2),
-    "vgg16bn-cpu": Preset(
-        "VGG-16-BN (width 16) on the CIFAR-10 images found, momentum 0, no augmentation, "
-        "12 epochs, 12 runs, 2 processes at a time",
-        {"lr": (0.1, 0.2), "weight_decay": (0.0, 2e-2, 5e-2), "batch_size": (32, 128)},
-        ("--model", "vgg16_bn", "--width", "16", "--dataset", "cifar10", "--no-augment",
-         "--epochs", "12", "--schedule", "constant", "--momentum", "0"),
-        jobs=2),
+    "resnet18-cpu": _cpu_conv_preset("resnet18", "ResNet-18"),
+    "vgg16bn-cpu": _cpu_conv_preset("vgg16_bn", "VGG-16-BN"),
     "resnet18-gpu": Preset(
         "ResNet-18 on CIFAR-10, bf16, 30 epochs, 27 runs",
         {"lr": (0.02, 0.05, 0.1), "weight_decay": (0.0, 5e-4, 2e-3), "batch_size": (64, 128, 256)},
