@@ -59,3 +59,25 @@ def run_ranks(script, world: int, argv_of_rank, timeout_s: float, label: str = "
         pytest.fail(f"the {label} did not finish within {timeout_s} s:\n" + output(outputs))
     if any(proc.returncode != 0 for proc in procs):
         pytest.fail(f"one of the {label} failed:\n" + output(outputs))
+
+
+def join_ranks(rank: int, world: int, store_port: int) -> None:
+    """In a process started by ``run_ranks``: one thread, and join the gloo group at the parent's
+    store."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+
+
+def error_of(action) -> str | None:
+    """``"Type: message"`` of what ``action()`` raises, None when it returns."""
+    try:
+        action()
+    except Exception as exc:  # the tests read the type and the message
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -11,13 +11,12 @@ and check the bytes counted against what the rule sends.
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import run_ranks
+from helpers import error_of, join_ranks, run_ranks
 
 STEPS = 4
 CHILD_TIMEOUT_S = 180
@@ -128,12 +127,6 @@ def _dense_run(config: str, rank: int, world: int) -> dict:
             "layers": dict(counter.layers)}
 
 
-def _error_of(action) -> str | None:
-    try:
-        action()
-    except Exception as exc:  # the tests read the type and the message
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def _ddp_first_error() -> str | None:
@@ -144,17 +137,13 @@ def _ddp_first_error() -> str | None:
     ddp = DistributedDataParallel(_model())
     opt = DecaySGD(ddp.parameters(), lr=0.1, factored=True, model=ddp)
     nn.functional.cross_entropy(ddp(_batch(0, 0, 2)[0]), torch.tensor([0, 1])).backward()
-    return _error_of(opt.step)
+    return error_of(opt.step)
 
 
 def _worker(rank: int, world: int, store_port: int, out_path: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False,
-                          timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    join_ranks(rank, world, store_port)
     try:
         results = {"factored": {}, "dense": {}}
         for config in CONFIGS:

@@ -31,13 +31,12 @@ import copy
 import json
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import run_ranks
+from helpers import error_of, join_ranks, run_ranks
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -144,12 +143,6 @@ def _placement_problems(model, opt) -> list[str]:
     return problems
 
 
-def _error_of(action) -> str | None:
-    try:
-        action()
-    except Exception as exc:  # the tests read the type and the message
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 def _step_results(mesh, rank: int, backends: list[str]) -> dict:
@@ -190,7 +183,7 @@ def _state_dict_results(mesh, rank: int) -> dict:
         kind = "full" if full else "sharded"
         for source, target in (("DecaySGD", "torch.optim.SGD"), ("torch.optim.SGD", "DecaySGD")):
             key = f"{kind}/{source}->{target}"
-            results[f"{key}/error"] = _error_of(lambda: _move_state(
+            results[f"{key}/error"] = error_of(lambda: _move_state(
                 results, key, mesh, rank, options, makers[source], makers[target]))
         # The two optimizers' own state dicts after the same steps: same entries, same values.
         dicts = {}
@@ -264,13 +257,13 @@ def _factored_results(mesh, rank: int) -> dict:
     from lowrank_kernels import DecaySGD
 
     sharded = _sharded_model(mesh)
-    results = {"fsdp2": _error_of(lambda: DecaySGD(sharded.parameters(), lr=0.1, factored=True,
+    results = {"fsdp2": error_of(lambda: DecaySGD(sharded.parameters(), lr=0.1, factored=True,
                                                    model=sharded))}
     torch.manual_seed(0)
     ddp = DistributedDataParallel(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)))
     opt = DecaySGD(ddp.parameters(), lr=0.1, momentum=0.9, factored=True, model=ddp)
     ddp(_batch(rank, 0)).square().mean().backward()
-    results["ddp"] = _error_of(opt.step)
+    results["ddp"] = error_of(opt.step)
     return results
 
 
@@ -280,11 +273,7 @@ def _worker(rank: int, store_port: int, out_path: str) -> None:
 
     from lowrank_kernels.backends import available_backends
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False,
-                          timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=60))
+    join_ranks(rank, WORLD_SIZE, store_port)
     try:
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         backends = available_backends("cpu")

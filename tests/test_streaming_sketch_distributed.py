@@ -8,13 +8,12 @@ most of its cost).
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import run_ranks
+from helpers import join_ranks, run_ranks
 
 STEPS = 25
 CHILD_TIMEOUT_S = 180
@@ -65,11 +64,7 @@ def _run(rank: int) -> dict:
 def _worker(rank: int, world: int, store_port: int, out_path: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False,
-                          timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    join_ranks(rank, world, store_port)
     try:
         result = _run(rank)
     finally:
